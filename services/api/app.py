@@ -1,0 +1,54 @@
+"""The control plane's FastAPI app (``crucible api`` serves it with uvicorn)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+
+from services.artifacts.router import router as artifacts_router
+from services.datasets.router import router as datasets_router
+from services.errors import DomainError
+from services.health.router import router as health_router
+from services.jobs.router import router as jobs_router
+from services.projects.router import router as projects_router
+from shared.config import get_settings
+
+log = logging.getLogger("crucible.api")
+
+API_PREFIX = "/v1"
+
+
+def _operation_id(route: APIRoute) -> str:
+    # "<tag>-<route name>" gives generated clients tidy method names (jobs-submit_job, ...).
+    return f"{route.tags[0]}-{route.name}" if route.tags else route.name
+
+
+def create_app(*, check_schema: bool = True) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if check_schema:
+            from shared.db import check_schema as _check
+
+            _check()  # refuse to serve on an out-of-date schema; the message names the fix
+        yield
+
+    app = FastAPI(
+        title="Crucible", version="0.1.0", lifespan=lifespan, generate_unique_id_function=_operation_id,
+        description="Submit training jobs, follow them, and find their datasets, checkpoints and MLflow runs. "
+                    "Authenticate with `Authorization: Bearer <key>` (`crucible keys create --project NAME`).",
+    )
+
+    @app.exception_handler(DomainError)
+    async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail()})
+
+    app.include_router(health_router)
+    for router in (projects_router, jobs_router, datasets_router, artifacts_router):
+        app.include_router(router, prefix=API_PREFIX)
+    app.state.settings = get_settings()
+    return app

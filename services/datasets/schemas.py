@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class DatasetRegister(BaseModel):
+    """Register an ImageFolder tree that already lives in the object store."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(pattern=NAME_PATTERN, examples=["cats-vs-dogs"])
+    uri: str = Field(examples=["s3://lab-data/cats-vs-dogs/"], description="s3://bucket/prefix/ of the tree")
+
+
+class DatasetRead(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: uuid.UUID
+    name: str
+    version: int
+    source: str
+    artifact_id: uuid.UUID
+    stats: dict[str, Any]
+    created_at: datetime

@@ -1,0 +1,153 @@
+"""Jobs: submit, read, list, cancel, events. Every check runs before the first write, and all writes of a
+submission (job, dependencies, outbox row, first event) commit together or not at all."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from services.datasets import service as dataset_service
+from services.errors import Conflict, Invalid, NotFound
+from services.projects import service as project_service
+from shared import lifecycle
+from shared.config import get_settings
+from shared.kinds import worker_kind_for
+from shared.models import Experiment, Job, JobDependency, JobEvent, JobStatus
+from shared.specs import JobSpecBase
+
+
+def request_hash(spec: JobSpecBase) -> str:
+    return hashlib.sha256(json.dumps(spec.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def submit(*, session: Session, project_id: uuid.UUID, spec: JobSpecBase,
+           idempotency_key: str | None = None) -> tuple[Job, bool]:
+    """Create a job from a validated spec. Returns (job, created); a replayed Idempotency-Key returns the
+    original job with created=False, and the same key with a different spec is a Conflict."""
+    digest = request_hash(spec)
+    if idempotency_key is not None:
+        existing = _by_idempotency_key(session, project_id, idempotency_key)
+        if existing is not None:
+            return _replay(existing, digest, idempotency_key), False
+
+    kind = spec.kind  # type: ignore[attr-defined]
+    settings = get_settings()
+    if spec.resources.gpus > settings.MAX_GPUS_PER_JOB:
+        raise Invalid(f"{spec.resources.gpus} GPUs requested; this cluster runs at most {settings.MAX_GPUS_PER_JOB} "
+                      "per job", loc=["body", "resources", "gpus"])
+    inputs = _resolve_inputs(session, project_id, spec)
+    parents = _check_parents(session, project_id, spec.depends_on)
+
+    exp = project_service.get_or_create_experiment(session=session, project_id=project_id, name=spec.experiment)
+    job = Job(project_id=project_id, experiment_id=exp.id, name=spec.name, kind=kind,
+              worker_kind=worker_kind_for(kind), spec=spec.model_dump(mode="json"), inputs=inputs,
+              priority=spec.priority, idempotency_key=idempotency_key, request_hash=digest,
+              max_infra_retries=spec.retries.infra, max_user_retries=spec.retries.user, status=JobStatus.PENDING)
+    try:
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError:  # the same Idempotency-Key raced us
+        existing = _by_idempotency_key(session, project_id, idempotency_key or "")
+        if existing is None:
+            raise
+        return _replay(existing, digest, idempotency_key or ""), False
+    for parent in parents:
+        session.add(JobDependency(job_id=job.id, parent_id=parent.id))
+    lifecycle.add_event(session, job.id, job.attempt, "submitted", kind=kind)
+    if all(p.status == JobStatus.SUCCEEDED for p in parents):
+        lifecycle.enqueue(session, job, reason="submitted")
+    else:
+        lifecycle.add_event(session, job.id, job.attempt, "state", status=JobStatus.PENDING.value,
+                            reason=f"waiting for {sum(p.status != JobStatus.SUCCEEDED for p in parents)} dependencies")
+    session.flush()
+    return job, True
+
+
+def _by_idempotency_key(session: Session, project_id: uuid.UUID, key: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.project_id == project_id, Job.idempotency_key == key)).first()
+
+
+def _replay(job: Job, digest: str, key: str) -> Job:
+    if job.request_hash != digest:
+        raise Conflict(f"Idempotency-Key {key!r} was already used for a different job spec (job {job.id}); "
+                       "use a new key for a new job", loc=["header", "idempotency-key"])
+    return job
+
+
+def _resolve_inputs(session: Session, project_id: uuid.UUID, spec: JobSpecBase) -> dict[str, Any]:
+    inputs: dict[str, Any] = {}
+    ref = getattr(spec, "dataset", None)
+    if ref is not None:
+        resolved = dataset_service.resolve_ref(session=session, project_id=project_id, ref=ref)
+        train = resolved.get("stats", {}).get("train")
+        if train is not None:
+            for loc, msg in spec.dataset_problems(int(train)):
+                raise Invalid(msg, loc=["body", loc])
+        inputs["dataset"] = resolved
+    return inputs
+
+
+def _check_parents(session: Session, project_id: uuid.UUID, parent_ids: list[uuid.UUID]) -> list[Job]:
+    parents = []
+    for i, pid in enumerate(parent_ids):
+        parent = session.get(Job, pid)
+        if parent is None or parent.project_id != project_id:
+            raise NotFound(f"job {pid} not found in this project", loc=["body", "depends_on", i])
+        if parent.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+            raise Conflict(f"job {pid} already ended {parent.status.value}; a job depending on it could never run",
+                           loc=["body", "depends_on", i])
+        parents.append(parent)
+    return parents
+
+
+def get(*, session: Session, project_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    """The job, if it belongs to the project (another project's job is indistinguishable from a missing one)."""
+    job = session.get(Job, job_id)
+    if job is None or job.project_id != project_id:
+        raise NotFound(f"job {job_id} not found", loc=["path", "job_id"])
+    return job
+
+
+def list_jobs(*, session: Session, project_id: uuid.UUID, status: list[JobStatus] | None = None,
+              kind: str | None = None, experiment: str | None = None, limit: int = 50,
+              offset: int = 0) -> tuple[list[Job], int]:
+    stmt = select(Job).where(Job.project_id == project_id)
+    if status:
+        stmt = stmt.where(Job.status.in_(status))
+    if kind:
+        stmt = stmt.where(Job.kind == kind)
+    if experiment:
+        stmt = stmt.join(Experiment, Experiment.id == Job.experiment_id).where(Experiment.name == experiment)
+    total = session.scalar(select(func.count()).select_from(stmt.subquery())) or 0
+    items = session.scalars(stmt.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
+    return list(items), total
+
+
+def parents_of(*, session: Session, job_id: uuid.UUID) -> list[uuid.UUID]:
+    return list(session.scalars(select(JobDependency.parent_id).where(JobDependency.job_id == job_id)))
+
+
+def cancel(*, session: Session, project_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    """Cancel a job: at once if it is not running, else its supervisor stops it (SIGTERM → grace → SIGKILL)."""
+    job = session.scalars(select(Job).where(Job.id == job_id).with_for_update()).first()
+    if job is None or job.project_id != project_id:
+        raise NotFound(f"job {job_id} not found", loc=["path", "job_id"])
+    if job.status.terminal:
+        raise Conflict(f"job {job_id} already ended {job.status.value}; nothing to cancel", loc=["path", "job_id"])
+    lifecycle.cancel(session, job)
+    return job
+
+
+def events(*, session: Session, job_id: uuid.UUID, after: int = 0, limit: int = 500,
+           types: list[str] | None = None) -> list[JobEvent]:
+    stmt = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+    if types:
+        stmt = stmt.where(JobEvent.type.in_(types))
+    return list(session.scalars(stmt.order_by(JobEvent.id).limit(limit)))

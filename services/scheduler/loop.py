@@ -1,0 +1,46 @@
+"""``crucible scheduler``: run the dispatcher and the reconciler forever (several replicas are safe:
+rows are taken with ``FOR UPDATE SKIP LOCKED``)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from services.scheduler.dispatcher import dispatch_once
+from services.scheduler.reconciler import close_runs, reconcile_once
+from shared.celery_app import get_celery
+from shared.config import get_settings
+from shared.db import check_schema, session_scope
+
+log = logging.getLogger("crucible.scheduler")
+
+
+def run_scheduler(stop: threading.Event | None = None) -> None:
+    settings = get_settings()
+    check_schema()
+    celery = get_celery()
+    tracker = None
+    stop = stop or threading.Event()
+    log.info("scheduler started (interval %.1fs, queue window %d)", settings.SCHEDULER_INTERVAL_SECONDS,
+             settings.QUEUE_WINDOW)
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            with session_scope() as session:
+                r = reconcile_once(session, settings)
+            if r.lease_expired or r.redispatched or r.promoted or r.dependency_failed:
+                log.info("reconciled: %s", r)
+            if r.runs_to_close:
+                if tracker is None:
+                    from shared.tracking import Tracker
+
+                    tracker = Tracker(settings)
+                close_runs(tracker, r.runs_to_close)
+            with session_scope() as session:
+                d = dispatch_once(session, celery, settings)
+            if d.published:
+                log.info("dispatched %d job(s): %s", d.published, dict(d.per_queue))
+        except Exception:  # the database or broker blinked; the next cycle retries
+            log.exception("scheduler cycle failed; retrying")
+        stop.wait(max(0.0, settings.SCHEDULER_INTERVAL_SECONDS - (time.monotonic() - started)))

@@ -1,0 +1,1 @@
+"""Code shared by the control plane (``services``) and the workers (``workers``)."""

@@ -1,0 +1,64 @@
+"""The Celery app: explicit queues (one per worker kind), no auto-created queues, no results.
+
+Only the dispatcher publishes (``send_task`` by name, so the control plane never imports worker code);
+only ``crucible worker`` consumes. Messages carry ``(job_id, attempt)`` and nothing else: Postgres holds
+the job's truth, so a lost or duplicated message is harmless (see shared/lifecycle.py).
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from shared.config import Settings, get_settings
+from shared.kinds import WORKER_KINDS, queue_for
+
+RUN_JOB_TASK = "crucible.run_job"
+_exchange = Exchange("crucible", type="direct")
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    s = settings or get_settings()
+    if s.BROKER_URL.startswith("sqla+"):
+        # kombu hands broker_transport_options to create_engine(), so the poll interval can only be set on
+        # the transport class (the default 1 s adds a second to every dispatch).
+        import kombu.transport.sqlalchemy as kombu_sqla
+
+        kombu_sqla.Transport.polling_interval = 0.2
+    app = Celery("crucible", broker=s.BROKER_URL, set_as_current=False)
+    queues = [Queue(queue_for(k), _exchange, routing_key=queue_for(k)) for k in WORKER_KINDS]
+    app.conf.update(
+        task_queues=queues,
+        task_default_queue=queue_for("ssl-trainer"),
+        task_default_exchange=_exchange.name,
+        task_create_missing_queues=False,  # a typo in a queue name must fail loudly
+        task_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,  # job state lives in Postgres
+        task_acks_late=False,  # the lease + reconciler handle lost workers; late acks would re-run long jobs
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_hijack_root_logger=False,
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=3,
+        broker_transport_options={"visibility_timeout": 24 * 3600} if s.BROKER_URL.startswith("redis") else {},
+        worker_send_task_events=False,
+    )
+    return app
+
+
+_app: Celery | None = None
+
+
+def get_celery() -> Celery:
+    """The process's Celery app, built from the settings on first use."""
+    global _app
+    if _app is None:
+        _app = make_celery()
+    return _app
+
+
+def reset_celery() -> None:
+    global _app
+    _app = None

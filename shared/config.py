@@ -1,0 +1,120 @@
+"""One typed settings object for every Crucible process (API, scheduler, worker, CLI).
+
+Every field reads from an environment variable prefixed ``CRUCIBLE_`` (e.g. ``CRUCIBLE_DATABASE_URL``).
+The defaults describe the *embedded* stack: SQLite, a serverless SQL broker, a local S3 server and a
+local MLflow store, all under ``CRUCIBLE_HOME``. The real-services deployment (compose, k8s, tests)
+sets the URLs to Postgres, Redis, MinIO and an MLflow tracking server; the code path is the same.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Placeholder secrets are fine on a laptop and dangerous anywhere else.
+PLACEHOLDER_SECRETS = {"changeme", "changethis", "crucible-dev-secret", "minioadmin"}
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("CRUCIBLE_HOME", Path.cwd() / ".crucible")).resolve()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CRUCIBLE_", env_ignore_empty=True, extra="ignore")
+
+    ENV: Literal["dev", "test", "prod"] = "dev"
+    HOME: Path = Field(default_factory=default_home)
+
+    # --- persistence and broker ---------------------------------------------------------------
+    DATABASE_URL: str = ""
+    BROKER_URL: str = ""
+    DB_POOL_SIZE: int = 5
+
+    # --- object storage (any S3 endpoint; MinIO in deployment, SeaweedFS embedded) -------------
+    S3_ENDPOINT: str = "127.0.0.1:8333"
+    S3_PUBLIC_ENDPOINT: str | None = None  # host:port clients use for presigned URLs, if different
+    S3_ACCESS_KEY: str = "crucible"
+    S3_SECRET_KEY: SecretStr = SecretStr("crucible-dev-secret")
+    S3_SECURE: bool = False
+    S3_REGION: str = "us-east-1"
+    S3_BUCKET: str = "crucible"
+
+    # --- tracking -----------------------------------------------------------------------------
+    MLFLOW_TRACKING_URI: str = ""
+    PUBLIC_URL: str = "http://127.0.0.1:8000"  # where run pages link back to
+
+    # --- job path timing ----------------------------------------------------------------------
+    LEASE_SECONDS: float = 60.0
+    HEARTBEAT_SECONDS: float = 10.0
+    SCHEDULER_INTERVAL_SECONDS: float = 1.0
+    REDISPATCH_AFTER_SECONDS: float = 300.0  # a dispatched job nobody claimed is published again
+    QUEUE_WINDOW: int = 2  # messages allowed in flight per queue; the rest wait, ordered by priority
+    CANCEL_GRACE_SECONDS: float = 30.0
+    POLL_SECONDS: float = 1.0  # supervisor: cancel-flag poll and event flush interval
+
+    # --- workers ------------------------------------------------------------------------------
+    WORKER_TORCH_THREADS: int = 0  # 0: let torch decide
+    WORK_DIR: Path | None = None  # per-job scratch space; defaults to HOME/work
+    DATA_CACHE_DIR: Path | None = None  # downloaded datasets, keyed by sha256
+
+    # --- uploads ------------------------------------------------------------------------------
+    MAX_UPLOAD_BYTES: int = 2 * 1024**3
+    MAX_ARCHIVE_FILES: int = 200_000
+    MAX_ARCHIVE_UNPACKED_BYTES: int = 8 * 1024**3
+    MAX_GPUS_PER_JOB: int = 8
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _normalise_db_url(cls, v: str) -> str:
+        # SQLAlchemy 2 maps postgresql:// to psycopg 3 already; postgres:// is a common alias it rejects.
+        if v.startswith("postgres://"):
+            v = "postgresql+psycopg://" + v.removeprefix("postgres://")
+        return v
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        home = self.HOME
+        if not self.DATABASE_URL:
+            self.DATABASE_URL = f"sqlite:///{home / 'crucible.db'}"
+        if not self.BROKER_URL:
+            self.BROKER_URL = f"sqla+sqlite:///{home / 'broker.db'}"
+        if not self.MLFLOW_TRACKING_URI:
+            self.MLFLOW_TRACKING_URI = f"sqlite:///{home / 'mlflow.db'}"
+        if self.WORK_DIR is None:
+            self.WORK_DIR = home / "work"
+        if self.DATA_CACHE_DIR is None:
+            self.DATA_CACHE_DIR = home / "cache"
+        if self.ENV == "prod" and self.S3_SECRET_KEY.get_secret_value() in PLACEHOLDER_SECRETS:
+            raise ValueError(
+                "CRUCIBLE_S3_SECRET_KEY is a placeholder; set a real secret (or CRUCIBLE_ENV=dev on a laptop)"
+            )
+        return self
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.DATABASE_URL.startswith("sqlite")
+
+    @property
+    def work_dir(self) -> Path:
+        assert self.WORK_DIR is not None
+        return self.WORK_DIR
+
+    @property
+    def data_cache_dir(self) -> Path:
+        assert self.DATA_CACHE_DIR is not None
+        return self.DATA_CACHE_DIR
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def reset_settings() -> None:
+    """Forget the cached settings (tests and the embedded launcher change the environment)."""
+    get_settings.cache_clear()

@@ -1,0 +1,12 @@
+"""SQLAlchemy 2 typed models. Importing this package registers every table on ``Base.metadata``
+(Alembic's env.py and the model/migration agreement test rely on that)."""
+
+from shared.models.artifacts import Artifact, ArtifactParent, Dataset
+from shared.models.base import Base, utcnow
+from shared.models.jobs import ACTIVE, TERMINAL, Job, JobDependency, JobEvent, JobStatus, Outbox, Worker
+from shared.models.projects import ApiKey, Experiment, Project
+
+__all__ = [
+    "ACTIVE", "TERMINAL", "ApiKey", "Artifact", "ArtifactParent", "Base", "Dataset", "Experiment", "Job",
+    "JobDependency", "JobEvent", "JobStatus", "Outbox", "Project", "Worker", "utcnow",
+]

@@ -1,0 +1,145 @@
+"""``JobContext``: everything a method sees of the platform, inside the child process.
+
+A method is a plain function ``run(ctx: JobContext) -> None``. It reads ``ctx.spec`` and
+``ctx.inputs``, reports ``ctx.progress``/``ctx.log_metrics``, checkpoints with ``ctx.save_checkpoint``
+(to the object store, so a retried attempt on another machine can resume), resumes with
+``ctx.load_checkpoint()``, and calls ``ctx.check_preempt(save)`` at step boundaries so a SIGTERM
+(cancel, deadline, worker shutdown) turns into "checkpoint, then exit 75".
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from shared.specs import JobSpecBase, parse_spec
+from workers.runtime.protocol import JOB_FILE, encode_event
+
+
+class Preempted(Exception):  # noqa: N818 - it is a control-flow signal, not an error
+    """Raised by ``check_preempt`` after the method saved its state; the child exits EXIT_PREEMPTED."""
+
+
+class JobConfigError(Exception):
+    """The job cannot run as specified (e.g. a dataset too small for the bank); not retried."""
+
+
+class JobContext:
+    def __init__(self, workdir: Path, *, emit: Callable[[str], None] | None = None,
+                 store: Any | None = None) -> None:
+        self.workdir = Path(workdir)
+        job = json.loads((self.workdir / JOB_FILE).read_text())
+        self.job_id: str = job["job_id"]
+        self.attempt: int = int(job["attempt"])
+        self.kind: str = job["kind"]
+        self.spec: JobSpecBase = parse_spec(job["spec"])
+        self.inputs: dict[str, Any] = job.get("inputs", {})
+        resume = job.get("resume") or {}
+        self.resume_path: Path | None = Path(resume["path"]) if resume.get("path") else None
+        self.resume_info: dict[str, Any] = resume
+        self._emit = emit or _print_line
+        self._store = store
+        self.stop_requested = False
+        self._t0 = time.monotonic()
+        self._done0: int | None = None
+        self._last_progress = 0.0
+
+    # --- signals -----------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        """SIGTERM/SIGINT only set a flag: the method stops at its next step boundary, after saving."""
+
+        def _handler(signum: int, _frame: Any) -> None:
+            self.stop_requested = True
+            self.log(f"received signal {signum}: will checkpoint and stop at the next step boundary")
+
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+
+    def check_preempt(self, save: Callable[[], Any] | None = None) -> None:
+        """If a stop was requested: run ``save`` (typically a checkpoint), then raise ``Preempted``."""
+        if self.stop_requested:
+            if save is not None:
+                save()
+            raise Preempted()
+
+    # --- reporting ---------------------------------------------------------------------------
+    def log(self, message: str) -> None:
+        self._emit(message)
+
+    def event(self, event_type: str, **payload: Any) -> None:
+        self._emit(encode_event(event_type, **payload))
+
+    def progress(self, done: int, total: int, *, epoch: int | None = None, unit: str = "step",
+                 min_interval_s: float = 0.5) -> None:
+        """Report progress; ETA is estimated from this attempt's rate (resumed work is not counted)."""
+        now = time.monotonic()
+        if self._done0 is None:
+            self._done0, self._t0 = done, now
+        if done < total and now - self._last_progress < min_interval_s:
+            return
+        self._last_progress = now
+        rate_n = done - self._done0
+        eta = (now - self._t0) / rate_n * (total - done) if rate_n > 0 else None
+        self.event("progress", done=done, total=total, epoch=epoch, unit=unit,
+                   eta_s=None if eta is None else round(eta, 1))
+
+    def log_metrics(self, values: dict[str, float], *, step: int) -> None:
+        clean = {k: float(v) for k, v in values.items()}
+        self.event("metrics", step=int(step), values=clean)
+
+    def set_result(self, values: dict[str, float]) -> None:
+        """The job's headline metrics (stored on the job row and as MLflow metrics)."""
+        self.event("result", values={k: float(v) for k, v in values.items()})
+
+    # --- checkpoints and artifacts -----------------------------------------------------------
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from shared.storage import ObjectStore
+
+            self._store = ObjectStore()
+        return self._store
+
+    def save_checkpoint(self, state: dict[str, Any], *, epoch: int, step: int, final: bool = False) -> str:
+        """Save ``state`` (with the spec's critical config) to the object store; returns its key."""
+        import torch
+
+        payload = dict(state)
+        payload["crucible"] = {
+            "job_id": self.job_id, "attempt": self.attempt, "epoch": epoch, "step": step,
+            "critical": self.spec.critical_config(), "spec": self.spec.model_dump(mode="json"),
+        }
+        path = self.workdir / "checkpoint.pt"
+        tmp = path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        tmp.replace(path)
+        obj = self.store.put_file(path)
+        self.event("checkpoint", epoch=epoch, step=step, key=obj.key, sha256=obj.sha256, size=obj.size,
+                   final=final, critical=payload["crucible"]["critical"])
+        return obj.key
+
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """The state to resume from, or None on a fresh start."""
+        if self.resume_path is None:
+            return None
+        import torch
+
+        # weights_only=False: our own checkpoints carry plain-python metadata next to tensors.
+        return torch.load(self.resume_path, map_location="cpu", weights_only=False)
+
+    def save_artifact(self, path: Path, *, name: str, artifact_kind: str = "file",
+                      meta: dict[str, Any] | None = None) -> str:
+        obj = self.store.put_file(Path(path))
+        self.event("artifact", name=name, artifact_kind=artifact_kind, key=obj.key, sha256=obj.sha256,
+                   size=obj.size, meta=meta or {})
+        return obj.key
+
+
+def _print_line(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()

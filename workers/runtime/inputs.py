@@ -1,0 +1,106 @@
+"""Materialise a job's inputs on the worker: datasets (cached by content hash) and the resume checkpoint."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from shared.config import Settings
+from shared.models import Artifact
+from shared.storage import ObjectStore
+
+_COMPLETE = ".complete"
+
+
+class ResumeRefused(Exception):
+    """The latest checkpoint was written under a different critical config."""
+
+
+@dataclass
+class ResumePoint:
+    artifact_id: uuid.UUID
+    path: Path
+    epoch: int | None
+    step: int | None
+
+
+def prepare_dataset(ref: dict[str, Any], *, store: ObjectStore, settings: Settings) -> dict[str, Any]:
+    """The child's view of a dataset input: builtins pass through, stored ones become a local directory."""
+    source = ref.get("source")
+    if source is None:  # builtin:// - loaded from installed packages inside the child
+        return {"uri": ref["uri"]}
+    cache = settings.data_cache_dir / "datasets"
+    cache.mkdir(parents=True, exist_ok=True)
+    if source == "archive":
+        target = cache / ref["sha256"]
+        with _locked(target.with_suffix(".lock")):  # several workers on one host share the cache
+            if not (target / _COMPLETE).exists():
+                from shared.data.archives import extract_archive
+
+                archive = cache / f"{ref['sha256']}.archive"
+                store.get_file(ref["key"], archive, bucket=ref.get("bucket"), sha256=ref["sha256"])
+                _fresh(target)
+                extract_archive(archive, target)
+                archive.unlink(missing_ok=True)
+                (target / _COMPLETE).touch()
+    elif source == "prefix":
+        listing = store.list_keys(ref["prefix"], bucket=ref["bucket"])
+        digest = hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()
+        target = cache / f"prefix-{digest}"
+        with _locked(target.with_suffix(".lock")):
+            if not (target / _COMPLETE).exists():
+                _fresh(target)
+                for key, _size, _etag in listing:
+                    rel = key[len(ref["prefix"]):].lstrip("/")
+                    if rel and ".." not in Path(rel).parts:
+                        store.get_file(key, target / rel, bucket=ref["bucket"])
+                (target / _COMPLETE).touch()
+    else:
+        raise ValueError(f"unknown dataset source {source!r}")
+    return {"uri": ref["uri"], "path": str(target), "sha256": ref.get("sha256")}
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def latest_checkpoint(session: Session, job_id: uuid.UUID) -> Artifact | None:
+    return session.scalars(
+        select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == "checkpoint")
+        .order_by(Artifact.created_at.desc()).limit(1)
+    ).first()
+
+
+def fetch_resume_point(ckpt: Artifact, *, critical: dict[str, Any], store: ObjectStore, workdir: Path) -> ResumePoint:
+    """Download the checkpoint to resume from, after checking it was made under the same critical config."""
+    saved = ckpt.meta.get("critical")
+    if saved is not None and saved != critical:
+        diff = sorted(k for k in set(saved) | set(critical) if saved.get(k) != critical.get(k))
+        changes = ", ".join(f"{k}: {saved.get(k)!r} -> {critical.get(k)!r}" for k in diff)
+        raise ResumeRefused(f"refusing to resume from checkpoint {ckpt.id}: critical config changed ({changes}); "
+                            "submit a new job to train from scratch")
+    path = store.get_file(ckpt.key, workdir / "resume.pt", bucket=ckpt.bucket, sha256=ckpt.sha256)
+    return ResumePoint(ckpt.id, path, ckpt.meta.get("epoch"), ckpt.meta.get("step"))
+
+
+def _fresh(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
