@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
@@ -28,6 +31,28 @@ def _operation_id(route: APIRoute) -> str:
     return f"{route.tags[0]}-{route.name}" if route.tags else route.name
 
 
+def clean_validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
+    """Make pydantic's errors name the user's field: drop the union tag from ``loc`` (body.ssl-train.epochs →
+    body.epochs), point kind errors at ``kind``, and drop the 'Value error, ' prefix."""
+    from shared.specs import SPEC_MODELS
+
+    out = []
+    for err in errors:
+        e = {k: v for k, v in err.items() if k not in ("ctx", "url")}
+        loc = list(e.get("loc", ()))
+        if len(loc) > 1 and loc[0] == "body" and loc[1] in SPEC_MODELS:
+            loc.pop(1)
+        if e.get("type") in ("union_tag_invalid", "union_tag_not_found"):
+            loc = ["body", "kind"]
+            got = (e.get("input") or {}).get("kind") if isinstance(e.get("input"), dict) else None
+            e["msg"] = (f"unknown job kind {got!r}" if got else "required: the job kind") + \
+                f"; one of: {', '.join(SPEC_MODELS)}"
+        e["loc"] = loc
+        e["msg"] = str(e.get("msg", "")).removeprefix("Value error, ")
+        out.append(e)
+    return out
+
+
 def create_app(*, check_schema: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -46,6 +71,10 @@ def create_app(*, check_schema: bool = True) -> FastAPI:
     @app.exception_handler(DomainError)
     async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
         return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail()})
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": jsonable_encoder(clean_validation_errors(exc.errors()))})
 
     app.include_router(health_router)
     for router in (projects_router, jobs_router, datasets_router, artifacts_router):

@@ -1,1 +1,351 @@
-def main():\n    pass
+"""``crucible``: the command line. Server roles (api, scheduler, worker, db) and client verbs (submit, jobs,
+logs, cancel, datasets, keys) in one tool. Errors are one-line messages, never tracebacks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from services.cli.client import ApiError, Client
+
+app = typer.Typer(help="Crucible: submit and follow ML training jobs.", no_args_is_help=True,
+                  pretty_exceptions_enable=False, add_completion=False)
+db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
+keys_app = typer.Typer(help="Project-scoped API keys.", no_args_is_help=True)
+datasets_app = typer.Typer(help="Upload, register and list datasets.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+app.add_typer(datasets_app, name="datasets")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def friendly(fn: F) -> F:
+    """Turn expected failures into a one-line message and exit code 1."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ApiError, ConnectionError, FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
+            typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# --- server roles -----------------------------------------------------------------------------------------------
+@app.command()
+@friendly
+def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+    """Serve the REST API (refuses to start on an out-of-date schema)."""
+    import uvicorn
+
+    from shared.db import check_schema
+
+    _logging()
+    check_schema()
+    uvicorn.run("services.api.app:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level="info")
+
+
+@app.command()
+@friendly
+def scheduler() -> None:
+    """Run the dispatcher (outbox → queues) and the reconciler (leases, dependencies)."""
+    from services.scheduler.loop import run_scheduler
+
+    _logging()
+    try:
+        run_scheduler()
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command()
+@friendly
+def worker(kind: Annotated[str, typer.Option(help="worker kind, comma-separated kinds, or 'all'")] = "all",
+           loglevel: str = "INFO") -> None:
+    """Start a worker for one worker kind (concurrency 1, prefetch 1; methods run in child processes)."""
+    from workers.worker import parse_kinds, run_worker
+
+    parse_kinds(kind)
+    _logging(loglevel)
+    run_worker(kind, loglevel=loglevel)
+
+
+@db_app.command("upgrade")
+@friendly
+def db_upgrade() -> None:
+    """Apply every pending migration (back up production databases first)."""
+    from shared.db import current_revision, head_revision, upgrade_to_head
+
+    upgrade_to_head()
+    typer.echo(f"database at revision {current_revision()} (head {head_revision()})")
+
+
+@db_app.command("check")
+@friendly
+def db_check() -> None:
+    """Exit non-zero unless the database is at the migration head."""
+    from shared.db import check_schema
+
+    check_schema()
+    typer.echo("database schema is at head")
+
+
+# --- keys ---------------------------------------------------------------------------------------------------
+@keys_app.command("create")
+@friendly
+def keys_create(project: Annotated[str, typer.Option(help="project name (created if missing)")],
+                name: str = "default",
+                save: Annotated[bool, typer.Option(help="save as this machine's client key")] = False) -> None:
+    """Create a project-scoped API key and print it (it is shown only once)."""
+    from services.projects.service import create_key
+    from shared.db import check_schema, session_scope
+
+    check_schema()
+    with session_scope() as s:
+        _, token = create_key(session=s, project_name=project, name=name)
+    if save:
+        from services.embedded import save_client_config
+
+        save_client_config(api_key=token)
+    typer.echo(token)
+
+
+@keys_app.command("revoke")
+@friendly
+def keys_revoke(prefix: Annotated[str, typer.Argument(help="the key, or its first 12 characters")]) -> None:
+    from services.projects.service import revoke_key
+    from shared.db import session_scope
+
+    with session_scope() as s:
+        n = revoke_key(session=s, prefix=prefix)
+    typer.echo(f"revoked {n} key(s)")
+
+
+# --- client verbs -----------------------------------------------------------------------------------------------
+def _parse_sets(sets: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in sets:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        try:
+            value: Any = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    for k, v in over.items():
+        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
+@app.command()
+@friendly
+def submit(spec_file: Annotated[Path, typer.Argument(help="YAML or JSON job spec", exists=True, dir_okay=False)],
+           set_: Annotated[list[str] | None, typer.Option("--set", help="override a field: key=value")] = None,
+           follow: Annotated[bool, typer.Option("--follow", "-f", help="follow progress until it ends")] = False,
+           idempotency_key: str | None = None) -> None:
+    """Submit a job from a spec file (`crucible schema` prints every field)."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(spec_file.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{spec_file} is not valid YAML: {e}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{spec_file} must hold one mapping (a job spec)")
+    spec = _merge(spec, _parse_sets(set_ or []))
+    job = Client().submit(spec, idempotency_key=idempotency_key)
+    typer.echo(f"submitted {job['kind']} job {job['id']} ({job['status']})")
+    if follow:
+        _follow(job["id"])
+
+
+@app.command()
+@friendly
+def jobs(status: Annotated[list[str] | None, typer.Option(help="filter by status (repeatable)")] = None,
+         kind: str | None = None, experiment: str | None = None, limit: int = 20) -> None:
+    """List recent jobs."""
+    page = Client().jobs(status=status, kind=kind, experiment=experiment, limit=limit)
+    typer.echo(f"{'ID':36}  {'KIND':10} {'STATUS':10} {'PROGRESS':>8}  NAME")
+    for j in page["items"]:
+        typer.echo(f"{j['id']:36}  {j['kind']:10} {j['status']:10} {j['progress'] * 100:7.1f}%  {j['name'] or ''}")
+    typer.echo(f"({len(page['items'])} of {page['total']})")
+
+
+@app.command()
+@friendly
+def show(job_id: str) -> None:
+    """Print a job as JSON."""
+    typer.echo(json.dumps(Client().job(job_id), indent=2))
+
+
+@app.command()
+@friendly
+def logs(job_id: str, follow: Annotated[bool, typer.Option("--follow", "-f")] = False) -> None:
+    """Print a job's log lines and events; -f follows with a progress bar until it ends."""
+    if follow:
+        _follow(job_id)
+        return
+    for ev in Client().events(job_id):
+        typer.echo(_render_event(ev))
+
+
+@app.command()
+@friendly
+def cancel(job_id: str) -> None:
+    """Cancel a job (a running one gets SIGTERM, a grace period, then SIGKILL)."""
+    job = Client().cancel(job_id)
+    typer.echo(f"job {job_id}: {job['status']}{' (stopping)' if job['status'] == 'running' else ''}")
+
+
+@app.command()
+@friendly
+def schema(kind: Annotated[str | None, typer.Argument(help="job kind; omit to list kinds")] = None) -> None:
+    """Print a job kind's JSON schema (the same one the API validates against)."""
+    from shared.specs import SPEC_MODELS
+
+    if kind is None:
+        typer.echo("\n".join(SPEC_MODELS))
+        return
+    if kind not in SPEC_MODELS:
+        raise ValueError(f"unknown kind {kind!r}; known: {', '.join(SPEC_MODELS)}")
+    typer.echo(json.dumps(SPEC_MODELS[kind].model_json_schema(), indent=2))
+
+
+def _render_event(ev: dict[str, Any]) -> str:
+    data = ev.get("data", {})
+    if ev["type"] == "log":
+        return str(data.get("line", ""))
+    if ev["type"] == "metrics":
+        vals = ", ".join(f"{k}={v:.4g}" for k, v in data.get("values", {}).items())
+        return f"[metrics step {data.get('step')}] {vals}"
+    return f"[{ev['type']}] " + ", ".join(f"{k}={v}" for k, v in data.items())
+
+
+def _follow(job_id: str) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    client = Client()
+    bar: tqdm | None = None
+    for ev in client.follow(job_id):
+        data = ev.get("data", {})
+        if ev["type"] == "progress":
+            total = int(data.get("total") or 0)
+            if bar is None or bar.total != total:
+                if bar is not None:
+                    bar.close()
+                bar = tqdm(total=total, unit=data.get("unit") or "step", dynamic_ncols=True, file=sys.stderr)
+            bar.n = int(data.get("done", 0))
+            if data.get("epoch") is not None:
+                bar.set_description(f"epoch {data['epoch']}")
+            bar.refresh()
+        elif ev["type"] in ("log", "state", "checkpoint", "retry", "resume", "result", "cancel_requested"):
+            (bar.write if bar is not None else typer.echo)(_render_event(ev))
+    if bar is not None:
+        bar.close()
+    job = client.job(job_id)
+    color = typer.colors.GREEN if job["status"] == "succeeded" else typer.colors.RED
+    typer.secho(f"job {job_id} {job['status']}" + (f": {job['status_reason']}" if job["status_reason"] else ""),
+                fg=color)
+    return job
+
+
+# --- datasets ---------------------------------------------------------------------------------------------------
+@datasets_app.command("upload")
+@friendly
+def datasets_upload(path: Annotated[Path, typer.Argument(help="ImageFolder directory or .tar/.tar.gz/.zip",
+                                                         exists=True)],
+                    name: Annotated[str | None, typer.Option(help="dataset name (default: folder name)")] = None) -> None:
+    """Upload an ImageFolder dataset (<class>/<image> or train|test/<class>/<image>)."""
+    name = name or path.name.split(".")[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = path
+        if path.is_dir():
+            archive = Path(tmp) / f"{name}.tar.gz"
+            typer.echo(f"packing {path} ...")
+            with tarfile.open(archive, "w:gz") as tar:
+                for child in sorted(path.iterdir()):
+                    tar.add(child, arcname=child.name)
+        ds = Client(timeout=600).upload_dataset(archive, name=name)
+    typer.echo(f"dataset {ds['name']} v{ds['version']} ({ds['id']}): {ds['stats'].get('images')} images, "
+               f"{ds['stats'].get('num_classes')} classes")
+
+
+@datasets_app.command("register")
+@friendly
+def datasets_register(uri: Annotated[str, typer.Argument(help="s3://bucket/prefix/ holding an ImageFolder tree")],
+                      name: Annotated[str, typer.Option()]) -> None:
+    """Register an ImageFolder tree already in the object store (nothing is copied)."""
+    ds = Client().register_dataset(uri, name=name)
+    typer.echo(f"dataset {ds['name']} v{ds['version']} ({ds['id']}): {ds['stats'].get('images')} images")
+
+
+@datasets_app.command("list")
+@friendly
+def datasets_list() -> None:
+    for ds in Client().datasets():
+        typer.echo(f"{ds['id']}  {ds['name']}@{ds['version']}  {ds['source']:8} {ds['stats'].get('images')} images")
+
+
+# --- the embedded stack -------------------------------------------------------------------------------------------
+@app.command()
+@friendly
+def up(port: int = 8000, detach: Annotated[bool, typer.Option(help="return once the stack is ready")] = True) -> None:
+    """Start the embedded stack (SQLite, serverless broker, local S3 server, local MLflow store)."""
+    from services.embedded import EmbeddedStack
+
+    stack = EmbeddedStack()
+    stack.up(api_port=port, echo=typer.echo)
+    if not detach:
+        stack.wait_forever()
+
+
+@app.command()
+@friendly
+def down() -> None:
+    """Stop the embedded stack started by `crucible up`."""
+    from services.embedded import EmbeddedStack
+
+    EmbeddedStack().down(echo=typer.echo)
+
+
+@app.command()
+@friendly
+def demo(epochs: int = 8, keep_running: bool = False) -> None:
+    """Start the embedded stack, train MSF on builtin://shapes over the REST API and report k-NN accuracy."""
+    from services.embedded import run_demo
+
+    run_demo(epochs=epochs, keep_running=keep_running, echo=typer.echo, follow=_follow)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

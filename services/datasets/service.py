@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from pathlib import Path
 from typing import Any
@@ -114,15 +116,21 @@ def register_prefix(*, session: Session, project_id: uuid.UUID, name: str, uri: 
     if len(images) > get_settings().MAX_ARCHIVE_FILES:
         raise Invalid(f"{len(images)} images under {uri} exceed the limit of {get_settings().MAX_ARCHIVE_FILES}",
                       loc=["body", "uri"])
-    rel = [k[len(prefix):] for k, _, _ in images]
-    import hashlib
-    import json
+    from collections import Counter
 
+    from shared.data.archives import ArchiveError, holdout_size, plan_layout
+
+    try:
+        layout = plan_layout([k[len(prefix):] for k, _, _ in images])
+    except ArchiveError as e:
+        raise Invalid(f"{uri} is not an ImageFolder tree: {e}", loc=["body", "uri"]) from None
     digest = hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()
-    has_split = any(r.startswith("train/") for r in rel)
-    classes = sorted({r.split("/")[1] if has_split else r.split("/")[0] for r in rel if "/" in r})
-    train = sum(r.startswith("train/") for r in rel) if has_split else int(len(rel) * 0.8)
-    stats = {"images": len(rel), "train": train, "classes": classes, "num_classes": len(classes)}
+    n_train, n_test = len(layout.train), len(layout.test)
+    if layout.test_split is None:  # the loader holds out part of every class as test
+        n_test = sum(holdout_size(n) for n in Counter(c for _, c in layout.train).values())
+        n_train -= n_test
+    stats = {"images": len(images), "train": n_train, "test": n_test,
+             "classes": layout.classes, "num_classes": len(layout.classes)}
     ds = _record(session, project_id=project_id, name=name, source="prefix", bucket=bucket, key=prefix,
                  sha256=digest, size=sum(s for _, s, _ in images), stats=stats, meta={"uri": uri})
     return ds
@@ -154,10 +162,5 @@ def _referenced(session: Session, key: str) -> bool:
 
 
 def _archive_stats(report: Any) -> dict[str, Any]:
-    splits: dict[str, int] = dict(getattr(report, "splits", {}) or {})
-    images = int(report.num_images)
-    train = splits.get("train", images - splits.get("test", 0) - splits.get("val", 0))
-    if "test" not in splits and "val" not in splits:
-        train = int(images * 0.8)  # the loader holds out ~20% per class when there is no test split
-    classes = list(report.classes)
-    return {"images": images, "train": train, "splits": splits, "classes": classes, "num_classes": len(classes)}
+    return {"images": report.num_images, "train": report.num_train, "test": report.num_test,
+            "splits": report.splits, "classes": list(report.classes), "num_classes": len(report.classes)}
