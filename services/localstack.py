@@ -86,6 +86,8 @@ def start_weed(*, data_dir: Path, s3_port: int, access_key: str, secret_key: str
                    region="us-east-1")
 
     def ready() -> bool:
+        if not port_open("127.0.0.1", s3_port):  # avoid the client's noisy retry warnings while it boots
+            return False
         if not client.bucket_exists(bucket):
             client.make_bucket(bucket)
         return True

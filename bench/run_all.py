@@ -1,0 +1,10 @@
+"""Run every platform benchmark in turn (`make bench`)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+for module in ("bench.platform_overhead", "bench.control_plane"):
+    print(f"\n=== {module} ===", flush=True)
+    subprocess.run([sys.executable, "-m", module], check=True)
