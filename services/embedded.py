@@ -160,8 +160,8 @@ def run_demo(*, epochs: int, keep_running: bool, echo: Echo, follow: Callable[[s
             raise RuntimeError(f"demo job {job['status']}: {job.get('status_reason')}")
         echo("")
         echo("k-NN top-1 accuracy on builtin://shapes (test split, backbone features):")
-        for key in sorted(k for k in res if k.startswith("knn_") and not k.startswith("knn_baseline")):
-            base = res.get(key.replace("knn_", "knn_baseline_", 1))
+        for key in sorted(k for k in res if k.startswith("knn_")):
+            base = res.get(f"baseline_{key}")
             ratio = f"  ({res[key] / base:.2f}x random init)" if base else ""
             echo(f"  {key:28} MSF {res[key]:.3f}   random init {base if base is not None else float('nan'):.3f}{ratio}")
         ckpts = client.artifacts(job_id=job["id"], kind="checkpoint")

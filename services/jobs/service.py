@@ -18,7 +18,8 @@ from services.projects import service as project_service
 from shared import lifecycle
 from shared.config import get_settings
 from shared.kinds import worker_kind_for
-from shared.models import Experiment, Job, JobDependency, JobEvent, JobStatus
+from shared.lineage import latest_checkpoint
+from shared.models import Artifact, Experiment, Job, JobDependency, JobEvent, JobStatus
 from shared.specs import JobSpecBase
 
 
@@ -43,6 +44,10 @@ def submit(*, session: Session, project_id: uuid.UUID, spec: JobSpecBase,
                       "per job", loc=["body", "resources", "gpus"])
     inputs = _resolve_inputs(session, project_id, spec)
     parents = _check_parents(session, project_id, spec.depends_on)
+    inputs["checkpoints"], implicit = _resolve_checkpoints(session, project_id, spec)
+    if not inputs["checkpoints"]:
+        del inputs["checkpoints"]
+    parents += [p for p in implicit if p.id not in {q.id for q in parents}]  # consuming a job's output waits for it
 
     exp = project_service.get_or_create_experiment(session=session, project_id=project_id, name=spec.experiment)
     job = Job(project_id=project_id, experiment_id=exp.id, name=spec.name, kind=kind,
@@ -92,6 +97,37 @@ def _resolve_inputs(session: Session, project_id: uuid.UUID, spec: JobSpecBase) 
                 raise Invalid(msg, loc=["body", loc])
         inputs["dataset"] = resolved
     return inputs
+
+
+def _resolve_checkpoints(session: Session, project_id: uuid.UUID,
+                         spec: JobSpecBase) -> tuple[dict[str, Any], list[Job]]:
+    """Pin each checkpoint input: an artifact now, or a running/queued job whose final checkpoint is used
+    once it succeeds (the job becomes an implicit dependency)."""
+    resolved: dict[str, Any] = {}
+    waits: list[Job] = []
+    for name, ref in spec.checkpoint_inputs().items():
+        loc: list[str | int] = ["body", *(int(p) if p.isdigit() else p for p in name.split("."))]
+        scheme, _, ident = ref.partition(":")
+        if scheme == "artifact":
+            art = session.get(Artifact, uuid.UUID(ident))
+            if art is None or art.project_id != project_id:
+                raise NotFound(f"artifact {ident} not found in this project", loc=loc)
+            if art.kind != "checkpoint":
+                raise Invalid(f"artifact {ident} is a {art.kind}, not a checkpoint", loc=loc)
+            resolved[name] = {"ref": ref, "artifact_id": str(art.id), "job_id": str(art.job_id) if art.job_id else None}
+            continue
+        job = session.get(Job, uuid.UUID(ident))
+        if job is None or job.project_id != project_id:
+            raise NotFound(f"job {ident} not found in this project", loc=loc)
+        if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+            raise Conflict(f"job {ident} ended {job.status.value}; it has no final checkpoint to use", loc=loc)
+        art = latest_checkpoint(session, job.id) if job.status == JobStatus.SUCCEEDED else None
+        if job.status == JobStatus.SUCCEEDED and art is None:
+            raise Conflict(f"job {ident} succeeded without writing a checkpoint", loc=loc)
+        if art is None:
+            waits.append(job)
+        resolved[name] = {"ref": ref, "job_id": str(job.id), "artifact_id": str(art.id) if art else None}
+    return resolved, waits
 
 
 def _check_parents(session: Session, project_id: uuid.UUID, parent_ids: list[uuid.UUID]) -> list[Job]:

@@ -64,6 +64,11 @@ class JobSpecBase(StrictModel):
             raise ValueError("lists the same job twice")
         return v
 
+    def checkpoint_inputs(self) -> dict[str, str]:
+        """Checkpoints this job consumes, by input name: ``job:<id>`` (that job's final checkpoint) or
+        ``artifact:<id>``. Resolved and checked at submit; downloaded by the worker before the method starts."""
+        return {}
+
     def dataset_problems(self, train_images: int) -> list[tuple[str, str]]:
         """(field, message) for settings that cannot work on a training set of this size (checked at submit)."""
         return []
@@ -85,3 +90,19 @@ def validate_dataset_ref(v: str) -> str:
     if not _NAME_RE.match(base):
         raise ValueError("must be builtin://<name>, a dataset id, or a dataset name from POST /v1/datasets")
     return v
+
+
+def validate_checkpoint_ref(v: str) -> str:
+    """``job:<uuid>`` (the job's final checkpoint), ``artifact:<uuid>``, or a bare artifact id."""
+    import uuid as _uuid
+
+    scheme, sep, ident = v.partition(":")
+    if not sep:
+        scheme, ident = "artifact", v
+    if scheme not in ("job", "artifact"):
+        raise ValueError("must be job:<job id>, artifact:<artifact id> or an artifact id")
+    try:
+        _uuid.UUID(ident)
+    except ValueError:
+        raise ValueError(f"{ident!r} is not a valid id; expected job:<uuid> or artifact:<uuid>") from None
+    return f"{scheme}:{ident}"

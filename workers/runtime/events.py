@@ -9,7 +9,8 @@ from typing import Any
 
 from shared import lifecycle
 from shared.db import session_scope
-from shared.models import Artifact, ArtifactParent, Job
+from shared.lineage import link_parents
+from shared.models import Artifact, Job
 from workers.runtime.protocol import decode_line
 
 log = logging.getLogger("crucible.supervisor")
@@ -31,10 +32,14 @@ class EventRelay:
         self._dataset_artifact = inputs.get("dataset", {}).get("artifact_id") if isinstance(inputs.get("dataset"),
                                                                                               dict) else None
         self._last_checkpoint: uuid.UUID | None = None
+        self._input_artifacts: set[str] = set()  # checkpoints this job consumed (teachers, models to evaluate)
         self._mlflow_warned = False
 
     def resumed_from(self, artifact_id: uuid.UUID) -> None:
         self._last_checkpoint = artifact_id
+
+    def add_lineage(self, artifact_id: str) -> None:
+        self._input_artifacts.add(artifact_id)
 
     # --- parsing -----------------------------------------------------------------------------
     def handle_line(self, line: str) -> None:
@@ -98,9 +103,7 @@ class EventRelay:
                        job_id=self.job_id, attempt=self.attempt, meta=meta)
         s.add(row)
         s.flush()
-        parents = {p for p in (self._dataset_artifact, self._last_checkpoint) if p}
-        for parent in parents:
-            s.add(ArtifactParent(artifact_id=row.id, parent_id=uuid.UUID(str(parent))))
+        link_parents(s, row.id, [self._dataset_artifact, self._last_checkpoint, *self._input_artifacts])
         lifecycle.add_event(s, self.job_id, self.attempt, art["type"], artifact_id=str(row.id), uri=row.uri,
                             **({"epoch": art.get("epoch"), "final": art.get("final")} if is_ckpt else {}))
         if is_ckpt:

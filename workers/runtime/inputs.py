@@ -13,10 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
 from shared.config import Settings
+from shared.lineage import latest_checkpoint
 from shared.models import Artifact
 from shared.storage import ObjectStore
 
@@ -71,6 +69,19 @@ def prepare_dataset(ref: dict[str, Any], *, store: ObjectStore, settings: Settin
     return {"uri": ref["uri"], "path": str(target), "sha256": ref.get("sha256")}
 
 
+def prepare_checkpoint(session: Any, name: str, ref: dict[str, Any], *, store: ObjectStore,
+                       workdir: Path) -> dict[str, Any]:
+    """Download a checkpoint input (``job:<id>`` refs resolve now: the job succeeded, it was a dependency)."""
+    art = session.get(Artifact, uuid.UUID(ref["artifact_id"])) if ref.get("artifact_id") else None
+    if art is None and ref.get("job_id"):
+        art = latest_checkpoint(session, uuid.UUID(ref["job_id"]))
+    if art is None:
+        raise FileNotFoundError(f"input {name}: {ref.get('ref')} has no checkpoint")
+    path = store.get_file(art.key, workdir / "inputs" / f"{name}.pt", bucket=art.bucket, sha256=art.sha256)
+    return {"ref": ref.get("ref"), "path": str(path), "artifact_id": str(art.id),
+            "job_id": str(art.job_id) if art.job_id else None, "meta": art.meta}
+
+
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     with open(path, "a") as f:
@@ -79,13 +90,6 @@ def _locked(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def latest_checkpoint(session: Session, job_id: uuid.UUID) -> Artifact | None:
-    return session.scalars(
-        select(Artifact).where(Artifact.job_id == job_id, Artifact.kind == "checkpoint")
-        .order_by(Artifact.created_at.desc()).limit(1)
-    ).first()
 
 
 def fetch_resume_point(ckpt: Artifact, *, critical: dict[str, Any], store: ObjectStore, workdir: Path) -> ResumePoint:

@@ -25,9 +25,10 @@ from typing import Any
 from shared import lifecycle
 from shared.config import Settings, get_settings
 from shared.db import session_scope
+from shared.lineage import latest_checkpoint
 from shared.models import Job, Worker
 from workers.runtime.events import EventRelay
-from workers.runtime.inputs import ResumeRefused, fetch_resume_point, latest_checkpoint, prepare_dataset
+from workers.runtime.inputs import ResumeRefused, fetch_resume_point, prepare_checkpoint, prepare_dataset
 from workers.runtime.protocol import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, JOB_FILE
 
 log = logging.getLogger("crucible.supervisor")
@@ -144,16 +145,22 @@ def _prepare(a: Attempt, *, store: Any, settings: Settings, relay: EventRelay, t
     spec = parse_spec(a.spec)
     child_inputs: dict[str, Any] = {}
     for name, ref in a.inputs.items():
-        if isinstance(ref, dict) and "uri" in ref:
+        if name == "dataset":
             child_inputs[name] = prepare_dataset(ref, store=store, settings=settings)
-            if a.attempt == 1 and name == "dataset":
+            if a.attempt == 1:
                 tracker.log_dataset(run_id, name=ref.get("name") or ref["uri"], digest=ref.get("sha256") or ref["uri"],
                                     source=ref["uri"], source_type="s3" if ref.get("source") else "builtin",
                                     profile=ref.get("stats"))
-        else:
+        elif name != "checkpoints":
             child_inputs[name] = ref
     resume: dict[str, Any] | None = None
     with session_scope() as s:
+        checkpoints = {}
+        for name, ref in (a.inputs.get("checkpoints") or {}).items():
+            checkpoints[name] = prepare_checkpoint(s, name, ref, store=store, workdir=a.workdir)
+            relay.add_lineage(checkpoints[name]["artifact_id"])
+        if checkpoints:
+            child_inputs["checkpoints"] = checkpoints
         ckpt = latest_checkpoint(s, a.job_id)
         if ckpt is not None:
             point = fetch_resume_point(ckpt, critical=spec.critical_config(), store=store, workdir=a.workdir)

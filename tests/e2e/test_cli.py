@@ -1,0 +1,80 @@
+"""The `crucible` CLI against a real API server: submit (YAML + --set), jobs, logs, cancel, datasets, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import ROOT, new_project_key
+
+pytestmark = [pytest.mark.integration]
+
+
+@pytest.fixture
+def cli(platform):
+    _, token = new_project_key("cli")
+    env = {**os.environ, "CRUCIBLE_API_URL": platform.url, "CRUCIBLE_API_KEY": token}
+
+    def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([sys.executable, "-m", "services.cli.main", *args], env=env, cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert (r.returncode == 0) == ok, (args, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr, r.stderr
+        return r
+
+    return run
+
+
+def test_submit_list_logs_cancel(cli, tmp_path):
+    spec = tmp_path / "msf.yaml"
+    spec.write_text("kind: ssl-train\nmethod: msf\ndataset: builtin://shapes\nlimit_train: 256\nbatch_size: 64\n"
+                    "bank_size: 128\nepochs: 1\nexperiment: cli\n")
+    out = cli("submit", str(spec), "--set", "priority=7", "--set", "resources.max_runtime_s=600").stdout
+    job_id = out.split("job ", 1)[1].split()[0]
+    shown = json.loads(cli("show", job_id).stdout)
+    assert shown["priority"] == 7 and shown["spec"]["resources"]["max_runtime_s"] == 600
+    assert job_id in cli("jobs", "--experiment", "cli").stdout
+    assert "[submitted]" in cli("logs", job_id).stdout
+    assert "cancelled" in cli("cancel", job_id).stdout
+    err = cli("cancel", job_id, ok=False).stderr
+    assert err.startswith("error: HTTP 409") and "already ended cancelled" in err
+
+
+def test_bad_input_gets_a_message_not_a_traceback(cli, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: ssl-train\nbank_size: 100\nbatch_size: 64\nbogus: 1\n")
+    err = cli("submit", str(bad), ok=False).stderr
+    assert "bank_size: 100 is not a multiple of batch_size=64" in err and "bogus: Extra inputs" in err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("kind: [unclosed\n")
+    assert "not valid YAML" in cli("submit", str(broken), ok=False).stderr
+    assert "--set expects key=value" in cli("submit", str(bad), "--set", "oops", ok=False).stderr
+    assert "unknown worker kind" in cli("worker", "--kind", "gpu-miner", ok=False).stderr
+
+
+def test_unreachable_api_is_explained(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("kind: ssl-train\n")
+    env = {**os.environ, "CRUCIBLE_API_URL": "http://127.0.0.1:9", "CRUCIBLE_API_KEY": "crk_x"}
+    r = subprocess.run([sys.executable, "-m", "services.cli.main", "submit", str(spec)], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "cannot reach the Crucible API" in r.stderr and "crucible up" in r.stderr
+
+
+def test_dataset_upload_from_a_directory_and_schema(cli, tmp_path):
+    rng = np.random.default_rng(0)
+    for cls in ("red", "blue"):
+        (tmp_path / "colours" / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "colours" / cls / f"{i}.png")
+    out = cli("datasets", "upload", str(tmp_path / "colours")).stdout
+    assert "dataset colours v1" in out and "10 images, 2 classes" in out
+    assert "colours@1" in cli("datasets", "list").stdout
+    schema = json.loads(cli("schema", "ssl-train").stdout)
+    assert "bank_size" in schema["properties"] and schema["additionalProperties"] is False
