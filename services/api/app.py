@@ -18,6 +18,7 @@ from services.datasets.router import router as datasets_router
 from services.errors import DomainError
 from services.health.router import router as health_router
 from services.jobs.router import router as jobs_router
+from services.metrics import install_metrics
 from services.projects.router import router as projects_router
 from shared.config import get_settings
 
@@ -77,6 +78,7 @@ def create_app(*, check_schema: bool = True) -> FastAPI:
         return JSONResponse(status_code=422, content={"detail": jsonable_encoder(clean_validation_errors(exc.errors()))})
 
     app.include_router(health_router)
+    install_metrics(app)  # GET /metrics, GET /metrics/queues and the request-latency middleware
     for router in (projects_router, jobs_router, datasets_router, artifacts_router):
         app.include_router(router, prefix=API_PREFIX)
     app.state.settings = get_settings()

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from services.cli.client import ApiError, Client
+from services.cli.probes import probe_app
 
 app = typer.Typer(help="Crucible: submit and follow ML training jobs.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -25,6 +26,7 @@ datasets_app = typer.Typer(help="Upload, register and list datasets.", no_args_i
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(probe_app, name="probe")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
