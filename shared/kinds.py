@@ -20,11 +20,15 @@ WORKER_KINDS: tuple[str, ...] = (
 # job kind -> worker kind. Only kinds with a spec model and an entry point are listed.
 JOB_KINDS: dict[str, str] = {
     "ssl-train": "ssl-trainer",
+    "eval": "ssl-trainer",  # evaluation runs where the vision stack and GPUs already are
+    "distill": "distiller",
 }
 
 # job kind -> "module:function" run inside the child process (see workers/runtime/child.py)
 ENTRY_POINTS: dict[str, str] = {
     "ssl-train": "workers.ssl_trainer.train:run",
+    "eval": "workers.evaluator.run:run",
+    "distill": "workers.distiller.train:run",
 }
 
 

@@ -10,12 +10,14 @@ from typing import Annotated, Any
 from pydantic import Field, TypeAdapter
 
 from shared.specs.common import BUILTIN_DATASETS, JobSpecBase, Resources, Retries
+from shared.specs.distill import DistillSpec
+from shared.specs.eval import EvalSpec
 from shared.specs.ssl_train import SslTrainSpec
 
-# Add new kinds to this union (and to shared.kinds.JOB_KINDS).
-JobSpec = Annotated[SslTrainSpec, Field(discriminator="kind")]
+# Add new kinds to this union, to SPEC_MODELS and to shared.kinds.
+JobSpec = Annotated[SslTrainSpec | DistillSpec | EvalSpec, Field(discriminator="kind")]
 
-SPEC_MODELS: dict[str, type[JobSpecBase]] = {"ssl-train": SslTrainSpec}
+SPEC_MODELS: dict[str, type[JobSpecBase]] = {"ssl-train": SslTrainSpec, "distill": DistillSpec, "eval": EvalSpec}
 
 _adapter: TypeAdapter[Any] = TypeAdapter(JobSpec)
 
@@ -26,6 +28,6 @@ def parse_spec(data: Any) -> JobSpecBase:
 
 
 __all__ = [
-    "BUILTIN_DATASETS", "JobSpec", "JobSpecBase", "Resources", "Retries", "SPEC_MODELS", "SslTrainSpec",
-    "parse_spec",
+    "BUILTIN_DATASETS", "DistillSpec", "EvalSpec", "JobSpec", "JobSpecBase", "Resources", "Retries",
+    "SPEC_MODELS", "SslTrainSpec", "parse_spec",
 ]

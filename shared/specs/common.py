@@ -41,6 +41,8 @@ class JobSpecBase(StrictModel):
 
     # Keys whose change makes a checkpoint of this job unusable for resuming (solo-learn's idea).
     critical_keys: ClassVar[tuple[str, ...]] = ()
+    # Evaluations also write their results into the MLflow runs of the jobs whose checkpoints they read.
+    report_results_to_inputs: ClassVar[bool] = False
 
     experiment: str = Field("default", description="experiment (inside the key's project) to file the job under")
     name: str | None = Field(None, max_length=200, description="display name")

@@ -1,102 +1,109 @@
 """``ssl-train``: self-supervised pre-training on the ssl-trainer worker.
 
-Methods (see ``../shared/methods/ssl.md`` in the brief, and ``workers/ssl_trainer``):
+Methods (``../shared/methods/ssl.md`` in the brief; code in ``workers/ssl_trainer``):
 
-* ``msf`` - Mean Shift (Koohpayegani et al., ICCV 2021): pull the online prediction towards the mean of
-  the k nearest neighbours of the target embedding in a memory bank.
+* ``msf``  - Mean Shift (ICCV 2021): pull the online prediction towards the mean of the k nearest neighbours
+  of the target embedding in a memory bank (bank written before the search).
 * ``byol`` - MSF with k=1 (asymmetric BYOL): the only neighbour is the target itself.
+* ``cmsf`` - Constrained Mean Shift (ECCV 2022): the neighbours are searched only among bank entries allowed
+  by a constraint (``cmsf.constraint``): previous-epoch views (2q), k-means clusters, labels, confident
+  pseudo-labels, or another model's embedding space (cross-modal).
+* ``isd``  - Iterative Similarity Distillation (ICCV 2021): the student matches the EMA teacher's soft
+  similarity distribution over the bank (bank written after the similarities). Recipes ``r18`` and ``plus``.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from shared.specs.common import JobSpecBase, validate_dataset_ref
+from shared.specs.common import StrictModel, validate_checkpoint_ref
+from shared.specs.vision import VisionTrainingSpec
 
 Augmentation = Literal["weak/strong", "strong/strong", "weak/weak", "strong/weak"]
-Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2"]
+Constraint = Literal["2q", "kmeans", "supervised", "semi-supervised", "cross-modal"]
 
 
-class SslTrainSpec(JobSpecBase):
-    """Pre-train a backbone with MSF/BYOL; evaluate it with k-NN during and after training."""
+class CmsfOptions(StrictModel):
+    """How CMSF restricts the neighbour search (ssl.md §3)."""
+
+    constraint: Constraint = "2q"
+    topk_constraint: int = Field(5, ge=1, le=4096, description="k': size of the constraint set (2q, cross-modal)")
+    kmeans_clusters: int = Field(100, ge=2, description="clusters for 'kmeans' (50k on ImageNet; scale to data)")
+    kmeans_iters: int = Field(20, ge=1, le=1000)
+    label_fraction: float = Field(0.1, gt=0, le=1, description="labelled share for 'semi-supervised' (0.01, 0.1)")
+    confidence_threshold: float = Field(0.85, gt=0, le=1, description="pseudo-labels below it constrain nothing")
+    pseudo_head: Literal["linear", "mlp"] = "mlp"
+    head_epochs: int = Field(10, ge=1, le=200, description="epochs of each pseudo-label head re-training")
+    cross_modal_checkpoint: str | None = Field(
+        None, description="for 'cross-modal': job:<id> or artifact:<id> of the model whose embeddings constrain")
+
+    @field_validator("cross_modal_checkpoint")
+    @classmethod
+    def _ref(cls, v: str | None) -> str | None:
+        return None if v is None else validate_checkpoint_ref(v)
+
+    @model_validator(mode="after")
+    def _cross_modal_needs_model(self) -> CmsfOptions:
+        if self.constraint == "cross-modal" and self.cross_modal_checkpoint is None:
+            raise ValueError("constraint 'cross-modal' needs cross_modal_checkpoint (job:<id> or artifact:<id>)")
+        return self
+
+
+class IsdOptions(StrictModel):
+    """ISD temperatures and heads; unset values come from the recipe (ssl.md §4.3)."""
+
+    recipe: Literal["r18", "plus"] = "plus"
+    temperature_student: float | None = Field(None, gt=0, le=10, description="r18: 0.02, plus: 0.1")
+    temperature_teacher: float | None = Field(None, gt=0, le=10, description="r18: 0.02, plus: 0.01")
+
+    @model_validator(mode="after")
+    def _recipe(self) -> IsdOptions:
+        t_s, t_t = (0.02, 0.02) if self.recipe == "r18" else (0.1, 0.01)
+        self.temperature_student = self.temperature_student or t_s
+        self.temperature_teacher = self.temperature_teacher or t_t
+        return self
+
+
+# ISD recipes also change the shared optimisation fields unless the user set them (ssl.md §4.3, §6).
+_ISD_RECIPES: dict[str, dict[str, Any]] = {
+    "r18": {"lr": 0.01, "lr_schedule": "step", "ema_momentum": 0.999, "augmentation": "strong/strong"},
+    "plus": {"lr": 0.05, "lr_schedule": "cosine", "ema_momentum": 0.99, "augmentation": "weak/strong"},
+}
+
+
+class SslTrainSpec(VisionTrainingSpec):
+    """Pre-train a backbone with MSF, BYOL, CMSF or ISD; evaluate it with k-NN during and after training."""
 
     critical_keys: ClassVar[tuple[str, ...]] = (
-        "method", "dataset", "limit_train", "image_size", "backbone", "stem", "batch_size",
-        "bank_size", "topk", "augmentation", "proj_hidden_dim", "proj_dim", "seed",
+        "method", "dataset", "limit_train", "image_size", "backbone", "stem", "batch_size", "bank_size", "topk",
+        "augmentation", "proj_hidden_dim", "proj_dim", "seed", "cmsf", "isd",
     )
 
     kind: Literal["ssl-train"] = "ssl-train"
-    method: Literal["msf", "byol"] = Field("msf", description="byol = msf with topk=1")
-
-    # --- data ---
-    dataset: str = Field("builtin://shapes", description="builtin://mnist|digits|shapes, a dataset id or name")
-    limit_train: int | None = Field(None, ge=1, description="use only the first N training images")
-    limit_test: int | None = Field(None, ge=1, description="use only the first N test images for evaluation")
-    image_size: int = Field(32, ge=8, le=512)
+    method: Literal["msf", "byol", "cmsf", "isd"] = Field("msf", description="byol = msf with topk=1")
     augmentation: Augmentation = Field(
-        "weak/strong", description="target/online views: 'weak/strong' gives the weak view to the EMA target"
-    )
-
-    # --- model ---
-    backbone: Backbone = "resnet18"
-    stem: Literal["cifar", "imagenet"] = Field(
-        "cifar", description="cifar: 3x3 stride-1 conv, no max-pool (32-px inputs); imagenet: torchvision stem"
-    )
+        "weak/strong", description="target/online views: 'weak/strong' gives the weak view to the EMA target")
     proj_hidden_dim: int | None = Field(None, ge=8, description="default 2x backbone width")
     proj_dim: int | None = Field(None, ge=8, description="default backbone width / 4")
 
-    # --- optimisation ---
-    epochs: int = Field(10, ge=1, le=10_000)
-    batch_size: int = Field(256, ge=2, le=65_536)
-    lr: float = Field(0.05, gt=0, le=100)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0, le=1)
-    lr_schedule: Literal["cosine", "step"] = "cosine"
-    lr_milestones: list[int] = Field(default_factory=lambda: [140, 180])
-    lr_decay: float = Field(0.2, gt=0, le=1)
-    seed: int = 0
-
     # --- method (after batch_size: the bank is checked against it) ---
     bank_size: int = Field(
-        8192, ge=1, validate_default=True, description="memory bank rows K; must be a multiple of batch_size"
-    )
+        8192, ge=1, validate_default=True, description="memory bank rows K; must be a multiple of batch_size")
     topk: int | None = Field(
-        None, ge=1, le=1024, validate_default=True, description="neighbours averaged into the target (k); "
-        "default 5 for msf, 1 for byol"
-    )
+        None, ge=1, le=1024, validate_default=True,
+        description="neighbours averaged into the target (k); default 5 for msf/cmsf, 1 for byol; unused by isd")
     ema_momentum: float = Field(0.99, ge=0.0, le=1.0)
+    cmsf: CmsfOptions | None = Field(None, description="CMSF options (method 'cmsf'; defaults when omitted)")
+    isd: IsdOptions | None = Field(None, description="ISD options (method 'isd'; defaults when omitted)")
 
-    # --- evaluation and checkpoints ---
-    knn_every: int = Field(0, ge=0, description="k-NN evaluation every N epochs (0: only before and after)")
-    knn_k: list[int] = Field(default_factory=lambda: [1, 20], min_length=1, max_length=8)
-    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
-
-    # --- execution ---
-    num_workers: int = Field(0, ge=0, le=64, description="data-loader worker processes")
-    amp: bool = Field(True, description="mixed precision (CUDA only)")
-    channels_last: bool = Field(True, description="channels-last memory format (CUDA only)")
-
-    @field_validator("dataset")
     @classmethod
-    def _dataset(cls, v: str) -> str:
-        return validate_dataset_ref(v)
-
-    @field_validator("knn_k")
-    @classmethod
-    def _knn_k(cls, v: list[int]) -> list[int]:
-        if any(k < 1 for k in v):
-            raise ValueError("every k must be >= 1")
-        return sorted(set(v))
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch_fits(cls, v: int, info: ValidationInfo) -> int:
-        limit = info.data.get("limit_train")
-        if limit is not None and limit < v:
-            raise ValueError(f"{v} exceeds limit_train={limit}: not even one batch could be formed")
-        return v
+    def recipe_defaults(cls, data: dict[str, Any]) -> dict[str, Any]:
+        if data.get("method") == "isd":
+            isd = data.get("isd") or {}
+            return dict(_ISD_RECIPES.get(isd.get("recipe", "plus") if isinstance(isd, dict) else "plus", {}))
+        return {}
 
     @field_validator("bank_size")
     @classmethod
@@ -113,7 +120,7 @@ class SslTrainSpec(JobSpecBase):
     def _topk(cls, v: int | None, info: ValidationInfo) -> int:
         method = info.data.get("method")
         if v is None:
-            return 1 if method == "byol" else 5
+            return 1 if method in ("byol", "isd") else 5
         if method == "byol" and v != 1:
             raise ValueError("method 'byol' is MSF with topk=1; drop topk or use method 'msf'")
         bank = info.data.get("bank_size")
@@ -121,12 +128,32 @@ class SslTrainSpec(JobSpecBase):
             raise ValueError(f"{v} exceeds bank_size={bank}")
         return v
 
+    @model_validator(mode="after")
+    def _method_options(self) -> SslTrainSpec:
+        if self.method == "cmsf" and self.cmsf is None:
+            self.cmsf = CmsfOptions()
+        if self.method == "isd" and self.isd is None:
+            self.isd = IsdOptions()
+        if self.cmsf is not None and self.method != "cmsf":
+            raise ValueError("cmsf options given but method is not 'cmsf'")
+        if self.isd is not None and self.method != "isd":
+            raise ValueError("isd options given but method is not 'isd'")
+        if self.cmsf is not None and self.cmsf.topk_constraint < (self.topk or 1) and \
+                self.cmsf.constraint in ("2q", "cross-modal"):
+            raise ValueError(f"cmsf.topk_constraint={self.cmsf.topk_constraint} must be >= topk={self.topk}: the "
+                             "neighbours are chosen inside the constraint set")
+        return self
+
+    def checkpoint_inputs(self) -> dict[str, str]:
+        if self.cmsf is not None and self.cmsf.cross_modal_checkpoint:
+            return {"cmsf.cross_modal_checkpoint": self.cmsf.cross_modal_checkpoint}
+        return {}
+
     def dataset_problems(self, train_images: int) -> list[tuple[str, str]]:
+        problems = super().dataset_problems(train_images)
         n = min(train_images, self.limit_train or train_images)
-        problems = []
-        if self.batch_size > n:
-            problems.append(("batch_size", f"{self.batch_size} exceeds the {n} training images available"))
         if self.bank_size > n:
             problems.append(("bank_size", f"{self.bank_size} exceeds the {n} training images: the bank would hold "
-                                          f"stale copies of the same images; use at most {n // self.batch_size * self.batch_size}"))
+                                          "stale copies of the same images; use at most "
+                                          f"{n // self.batch_size * self.batch_size}"))
         return problems

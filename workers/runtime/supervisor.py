@@ -51,6 +51,7 @@ class Attempt:
     max_runtime_s: float
     gpus: int
     workdir: Path = field(default=Path("."))
+    input_jobs: list[str] = field(default_factory=list)  # jobs whose checkpoints this attempt consumes
 
 
 def supervise(job_id: str, attempt: int, *, worker_id: str, worker_kinds: set[str],
@@ -159,6 +160,8 @@ def _prepare(a: Attempt, *, store: Any, settings: Settings, relay: EventRelay, t
         for name, ref in (a.inputs.get("checkpoints") or {}).items():
             checkpoints[name] = prepare_checkpoint(s, name, ref, store=store, workdir=a.workdir)
             relay.add_lineage(checkpoints[name]["artifact_id"])
+            if checkpoints[name]["job_id"]:
+                a.input_jobs.append(checkpoints[name]["job_id"])
         if checkpoints:
             child_inputs["checkpoints"] = checkpoints
         ckpt = latest_checkpoint(s, a.job_id)
@@ -288,7 +291,25 @@ def _finish(a: Attempt, worker_id: str, outcome: str, reason: str | None, relay:
     log.info("job %s attempt %d: %s -> %s (%s)", a.job_id, a.attempt, outcome, status, reason or "")
     if status is not None and status.terminal and a.run_id and relay is not None:
         relay.close_run(status.value)
+        if status.value == "succeeded" and result:
+            _report_to_input_runs(a, result, relay)
     return outcome
+
+
+def _report_to_input_runs(a: Attempt, result: dict[str, float], relay: EventRelay) -> None:
+    """An evaluation's numbers also belong on the runs of the checkpoints it evaluated (lineage in MLflow)."""
+    from shared.specs import SPEC_MODELS
+
+    if not SPEC_MODELS[a.kind].report_results_to_inputs:
+        return
+    with session_scope() as s:
+        runs = [j.mlflow_run_id for jid in a.input_jobs if (j := s.get(Job, uuid.UUID(jid))) and j.mlflow_run_id]
+    for run_id in runs:
+        try:
+            relay.tracker.log_metrics(run_id, [(f"{a.kind}.{k}", v, 0) for k, v in result.items()])
+            relay.tracker.set_tags(run_id, {f"crucible.{a.kind}.{a.job_id}": str(a.run_id)})
+        except Exception as e:  # best effort: the evaluation's own run has the numbers
+            log.warning("could not report results to MLflow run %s: %s", run_id, e)
 
 
 def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> None:

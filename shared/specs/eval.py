@@ -1,0 +1,61 @@
+"""``eval``: evaluate any checkpoint's backbone - k-NN and the reference linear-probe protocol (ssl.md §1.9)."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from shared.specs.common import JobSpecBase, StrictModel, validate_checkpoint_ref, validate_dataset_ref
+
+
+class LinearProbeOptions(StrictModel):
+    """L2-normalise → standardise (train-set statistics) → linear; SGD, step LR (reference: 40 epochs, ×0.1 at
+    15 and 30). The backbone is frozen and in eval mode: this is a probe, not fine-tuning."""
+
+    epochs: int = Field(40, ge=1, le=1000)
+    lr: float = Field(0.01, gt=0, le=100)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    batch_size: int = Field(256, ge=1, le=65_536)
+    milestones: list[int] = Field(default_factory=lambda: [15, 30])
+    augment: bool = Field(True, description="RandomResizedCrop + flip on training images (reference); "
+                                            "False: features are computed once and cached (fast)")
+
+
+class EvalSpec(JobSpecBase):
+    critical_keys: ClassVar[tuple[str, ...]] = ("checkpoint", "dataset", "protocols", "train_fraction", "seed")
+    report_results_to_inputs: ClassVar[bool] = True
+
+    kind: Literal["eval"] = "eval"
+    checkpoint: str = Field(description="job:<id> (that job's final checkpoint) or artifact:<id>")
+    dataset: str = Field("builtin://shapes", description="builtin://mnist|digits|shapes, a dataset id or name")
+    limit_train: int | None = Field(None, ge=1)
+    limit_test: int | None = Field(None, ge=1)
+    image_size: int | None = Field(None, ge=8, le=512, description="default: the size the checkpoint trained at")
+    train_fraction: float = Field(1.0, gt=0, le=1, description="labelled share used (0.01, 0.1 for semi-sup. "
+                                                               "evaluation): k-NN database and probe training")
+    protocols: list[Literal["knn", "linear"]] = Field(default_factory=lambda: ["knn", "linear"], min_length=1)
+    knn_k: list[int] = Field(default_factory=lambda: [1, 20], min_length=1, max_length=8,
+                             description="unweighted majority vote (reference); weighted k=200 is reported too")
+    linear: LinearProbeOptions = Field(default_factory=LinearProbeOptions)
+    seed: int = 0
+    num_workers: int = Field(0, ge=0, le=64)
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint(cls, v: str) -> str:
+        return validate_checkpoint_ref(v)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        return validate_dataset_ref(v)
+
+    @field_validator("protocols")
+    @classmethod
+    def _protocols(cls, v: list[str]) -> list[str]:
+        return sorted(set(v))
+
+    def checkpoint_inputs(self) -> dict[str, str]:
+        return {"checkpoint": self.checkpoint}
