@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     LEASE_SECONDS: float = 60.0
     HEARTBEAT_SECONDS: float = 10.0
     SCHEDULER_INTERVAL_SECONDS: float = 1.0
+    # Touched by every scheduler cycle; `crucible probe scheduler` reads its age to catch a hung loop.
+    SCHEDULER_ALIVE_FILE: Path = Path("/tmp/crucible-scheduler.alive")
     REDISPATCH_AFTER_SECONDS: float = 300.0  # a dispatched job nobody claimed is published again
     QUEUE_WINDOW: int = 2  # messages allowed in flight per queue; the rest wait, ordered by priority
     CANCEL_GRACE_SECONDS: float = 30.0

@@ -64,13 +64,25 @@ def probe_worker(
 
 
 @probe_app.command("scheduler")
-def probe_scheduler() -> None:
-    """Exit 1 unless the database is at the migration head and the broker accepts a connection.
+def probe_scheduler(
+    max_age: Annotated[float, typer.Option(help="seconds since the loop's last cycle before it counts as hung")]
+    = 120.0,
+) -> None:
+    """Exit 1 unless the scheduler loop cycled recently, the database is at the migration head and the broker
+    accepts a connection (what a cycle needs; a cycle that fails logs and retries on its own)."""
+    import time
 
-    These are what a scheduler cycle needs; a cycle that fails logs and retries on its own.
-    """
     from shared.celery_app import get_celery
+    from shared.config import get_settings
     from shared.db import check_schema
+
+    alive = get_settings().SCHEDULER_ALIVE_FILE
+    try:
+        age = time.time() - alive.stat().st_mtime
+    except OSError:
+        age = None  # not started yet (or another container): the start-up probe covers this window
+    if age is not None and age > max_age:
+        _fail(f"the scheduler loop last cycled {age:.0f}s ago (limit {max_age:.0f}s): it is hung; see its log")
 
     try:
         check_schema()

@@ -43,4 +43,8 @@ def run_scheduler(stop: threading.Event | None = None) -> None:
                 log.info("dispatched %d job(s): %s", d.published, dict(d.per_queue))
         except Exception:  # the database or broker blinked; the next cycle retries
             log.exception("scheduler cycle failed; retrying")
+        try:
+            settings.SCHEDULER_ALIVE_FILE.touch()  # the loop itself is alive, whatever the cycle's outcome
+        except OSError:
+            pass
         stop.wait(max(0.0, settings.SCHEDULER_INTERVAL_SECONDS - (time.monotonic() - started)))

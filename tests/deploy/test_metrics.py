@@ -211,3 +211,21 @@ def test_scheduler_probe_passes_against_the_stack(stack):
 
     result = CliRunner().invoke(cli, ["probe", "scheduler"])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.integration
+def test_scheduler_probe_fails_when_the_loop_stopped_cycling(stack, tmp_path, monkeypatch):
+    import os
+
+    from typer.testing import CliRunner
+
+    from services.cli.main import app as cli
+    from shared.config import get_settings
+
+    alive = tmp_path / "scheduler.alive"
+    monkeypatch.setattr(get_settings(), "SCHEDULER_ALIVE_FILE", alive)
+    alive.touch()
+    assert CliRunner().invoke(cli, ["probe", "scheduler", "--max-age", "60"]).exit_code == 0
+    os.utime(alive, (0, 0))  # last cycle in 1970: hung
+    result = CliRunner().invoke(cli, ["probe", "scheduler", "--max-age", "60"])
+    assert result.exit_code == 1 and "hung" in result.output
