@@ -10,20 +10,14 @@ from sqlalchemy.orm import Session
 
 from services.errors import Unauthorized
 from services.projects import service as project_service
-from shared.db import new_session
+from shared.db import session_scope
 from shared.models import Project
 
 
 def get_db() -> Iterator[Session]:
-    session = new_session()
-    try:
+    """One session per request: committed when the handler succeeds, rolled back on any error."""
+    with session_scope() as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_db)]

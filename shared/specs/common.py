@@ -108,3 +108,9 @@ def validate_checkpoint_ref(v: str) -> str:
     except ValueError:
         raise ValueError(f"{ident!r} is not a valid id; expected job:<uuid> or artifact:<uuid>") from None
     return f"{scheme}:{ident}"
+
+
+def validate_knn_k(v: list[int]) -> list[int]:
+    if any(k < 1 for k in v):
+        raise ValueError("every k must be >= 1")
+    return sorted(set(v))

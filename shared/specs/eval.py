@@ -6,7 +6,13 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from shared.specs.common import JobSpecBase, StrictModel, validate_checkpoint_ref, validate_dataset_ref
+from shared.specs.common import (
+    JobSpecBase,
+    StrictModel,
+    validate_checkpoint_ref,
+    validate_dataset_ref,
+    validate_knn_k,
+)
 
 
 class LinearProbeOptions(StrictModel):
@@ -51,6 +57,11 @@ class EvalSpec(JobSpecBase):
     @classmethod
     def _dataset(cls, v: str) -> str:
         return validate_dataset_ref(v)
+
+    @field_validator("knn_k")
+    @classmethod
+    def _knn_k(cls, v: list[int]) -> list[int]:
+        return validate_knn_k(v)
 
     @field_validator("protocols")
     @classmethod

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from shared.specs.common import JobSpecBase, validate_dataset_ref
+from shared.specs.common import JobSpecBase, validate_dataset_ref, validate_knn_k
 
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2"]
 Stem = Literal["cifar", "imagenet"]
@@ -68,9 +68,7 @@ class VisionTrainingSpec(JobSpecBase):
     @field_validator("knn_k")
     @classmethod
     def _knn_k(cls, v: list[int]) -> list[int]:
-        if any(k < 1 for k in v):
-            raise ValueError("every k must be >= 1")
-        return sorted(set(v))
+        return validate_knn_k(v)
 
     @field_validator("batch_size")
     @classmethod
