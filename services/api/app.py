@@ -75,7 +75,8 @@ def create_app(*, check_schema: bool = True) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(status_code=422, content={"detail": jsonable_encoder(clean_validation_errors(exc.errors()))})
+        detail = jsonable_encoder(clean_validation_errors(exc.errors()))
+        return JSONResponse(status_code=422, content={"detail": detail})
 
     app.include_router(health_router)
     install_metrics(app)  # GET /metrics, GET /metrics/queues and the request-latency middleware

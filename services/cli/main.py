@@ -280,9 +280,10 @@ def _follow(job_id: str) -> dict[str, Any]:
 # --- datasets ---------------------------------------------------------------------------------------------------
 @datasets_app.command("upload")
 @friendly
-def datasets_upload(path: Annotated[Path, typer.Argument(help="ImageFolder directory or .tar/.tar.gz/.zip",
-                                                         exists=True)],
-                    name: Annotated[str | None, typer.Option(help="dataset name (default: folder name)")] = None) -> None:
+def datasets_upload(
+    path: Annotated[Path, typer.Argument(help="ImageFolder directory or .tar/.tar.gz/.zip", exists=True)],
+    name: Annotated[str | None, typer.Option(help="dataset name (default: folder name)")] = None,
+) -> None:
     """Upload an ImageFolder dataset (<class>/<image> or train|test/<class>/<image>)."""
     name = name or path.name.split(".")[0]
     with tempfile.TemporaryDirectory() as tmp:

@@ -62,7 +62,9 @@ def reconcile_once(session: Session, settings: Settings) -> ReconcileStats:
         stats.redispatched += 1
 
     # 3. Dependencies: start jobs whose parents all succeeded; fail those with a parent that cannot.
-    pending = session.scalars(select(Job).where(Job.status == JobStatus.PENDING).with_for_update(skip_locked=True)).all()
+    pending = session.scalars(
+        select(Job).where(Job.status == JobStatus.PENDING).with_for_update(skip_locked=True)
+    ).all()
     for job in pending:
         parents = session.execute(
             select(Job.id, Job.status).join(JobDependency, JobDependency.parent_id == Job.id)
