@@ -73,7 +73,7 @@ def main() -> None:
             token = new_key()
             with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}) as h:
                 job_id = h.post("/v1/jobs", json=SPEC).json()["id"]
-            run = dict(url=url, token=token, clients=args.clients, seconds=args.seconds)
+            run = {"url": url, "token": token, "clients": args.clients, "seconds": args.seconds}
             hammer(lambda h: h.get("/healthz"), **{**run, "seconds": 2})  # warm-up
             health = hammer(lambda h: h.get("/healthz"), **run)
             read = hammer(lambda h: h.get(f"/v1/jobs/{job_id}"), **run)

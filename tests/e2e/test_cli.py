@@ -72,7 +72,8 @@ def test_dataset_upload_from_a_directory_and_schema(cli, tmp_path):
     for cls in ("red", "blue"):
         (tmp_path / "colours" / cls).mkdir(parents=True)
         for i in range(5):
-            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "colours" / cls / f"{i}.png")
+            pixels = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "colours" / cls / f"{i}.png")
     out = cli("datasets", "upload", str(tmp_path / "colours")).stdout
     assert "dataset colours v1" in out and "10 images, 2 classes" in out
     assert "colours@1" in cli("datasets", "list").stdout
