@@ -5,6 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-for module in ("bench.platform_overhead", "bench.control_plane"):
+for module in ("bench.platform_overhead", "bench.control_plane", "bench.msf_perf"):
     print(f"\n=== {module} ===", flush=True)
     subprocess.run([sys.executable, "-m", module], check=True)

@@ -38,6 +38,9 @@ class CmsfOptions(StrictModel):
     head_epochs: int = Field(10, ge=1, le=200, description="epochs of each pseudo-label head re-training")
     cross_modal_checkpoint: str | None = Field(
         None, description="for 'cross-modal': job:<id> or artifact:<id> of the model whose embeddings constrain")
+    cross_modal_features: Literal["backbone", "projection"] = Field(
+        "backbone", description="for 'cross-modal': that model's pooled backbone features, or its projection "
+                                "head on top (needs a checkpoint that exports 'projector')")
 
     @field_validator("cross_modal_checkpoint")
     @classmethod
@@ -142,6 +145,12 @@ class SslTrainSpec(VisionTrainingSpec):
                 self.cmsf.constraint in ("2q", "cross-modal"):
             raise ValueError(f"cmsf.topk_constraint={self.cmsf.topk_constraint} must be >= topk={self.topk}: the "
                              "neighbours are chosen inside the constraint set")
+        gpus = self.resources.gpus
+        if gpus > 1 and self.batch_size % gpus:
+            better = max(gpus, round(self.batch_size / gpus) * gpus)
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of resources.gpus={gpus} (it is the "
+                             f"global batch, split evenly over the processes); try batch_size={better} (and a "
+                             "bank_size that is a multiple of it)")
         return self
 
     def checkpoint_inputs(self) -> dict[str, str]:
@@ -156,4 +165,7 @@ class SslTrainSpec(VisionTrainingSpec):
             problems.append(("bank_size", f"{self.bank_size} exceeds the {n} training images: the bank would hold "
                                           "stale copies of the same images; use at most "
                                           f"{n // self.batch_size * self.batch_size}"))
+        if self.cmsf is not None and self.cmsf.constraint == "kmeans" and self.cmsf.kmeans_clusters > n:
+            problems.append(("cmsf.kmeans_clusters", f"{self.cmsf.kmeans_clusters} clusters for {n} training images; "
+                                                     f"use at most {n} (a few times the class count works well)"))
         return problems

@@ -12,11 +12,12 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.kinds import ENTRY_POINTS
 from workers.runtime.context import JobConfigError, JobContext, Preempted
-from workers.runtime.protocol import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED
+from workers.runtime.protocol import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, RANK0_EXIT_FILE
 
 
 def _watch_parent(parent: int) -> None:
@@ -32,7 +33,8 @@ def _configure_threads() -> None:
     if n > 0:
         import torch
 
-        torch.set_num_threads(n)
+        # a per-job budget: torchrun's LOCAL_WORLD_SIZE processes on this machine share it
+        torch.set_num_threads(max(1, n // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))))
 
 
 def main(argv: list[str]) -> int:
@@ -45,6 +47,14 @@ def main(argv: list[str]) -> int:
     _configure_threads()
     module_name, _, func_name = ENTRY_POINTS[ctx.kind].partition(":")
     run = getattr(importlib.import_module(module_name), func_name)
+    code = _run(run, ctx)
+    if ctx.world_size > 1 and ctx.is_main:
+        # torchrun exits 1 whenever a rank fails; rank 0's own code (preempted / config error) is what counts.
+        (Path(argv[1]) / RANK0_EXIT_FILE).write_text(str(code))
+    return code
+
+
+def _run(run: Callable[[JobContext], None], ctx: JobContext) -> int:
     try:
         run(ctx)
     except Preempted:

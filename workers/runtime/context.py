@@ -5,11 +5,17 @@ A method is a plain function ``run(ctx: JobContext) -> None``. It reads ``ctx.sp
 (to the object store, so a retried attempt on another machine can resume), resumes with
 ``ctx.load_checkpoint()``, and calls ``ctx.check_preempt(save)`` at step boundaries so a SIGTERM
 (cancel, deadline, worker shutdown) turns into "checkpoint, then exit 75".
+
+Under torchrun (``resources.gpus > 1``) every rank builds a context from the same work dir. It is
+rank-aware (``RANK``/``WORLD_SIZE``): only rank 0 emits events and uploads checkpoints/artifacts; the
+other ranks report nothing (their output would duplicate rank 0's) but still read inputs and the resume
+checkpoint. A single process is rank 0 of 1, unchanged.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -42,12 +48,19 @@ class JobContext:
         resume = job.get("resume") or {}
         self.resume_path: Path | None = Path(resume["path"]) if resume.get("path") else None
         self.resume_info: dict[str, Any] = resume
-        self._emit = emit or _print_line
+        self.rank = int(os.environ.get("RANK", "0") or 0)
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        self._emit = (emit or _print_line) if self.is_main else _drop_line
         self._store = store
         self.stop_requested = False
         self._t0 = time.monotonic()
         self._done0: int | None = None
         self._last_progress = 0.0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 (the only process of a single-process job) reports and saves for the whole job."""
+        return self.rank == 0
 
     # --- signals -----------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -106,7 +119,11 @@ class JobContext:
         return self._store
 
     def save_checkpoint(self, state: dict[str, Any], *, epoch: int, step: int, final: bool = False) -> str:
-        """Save ``state`` (with the spec's critical config) to the object store; returns its key."""
+        """Save ``state`` (with the spec's critical config) to the object store; returns its key.
+
+        On ranks other than 0 nothing is written (returns ""): rank 0 holds the same state."""
+        if not self.is_main:
+            return ""
         import torch
 
         payload = dict(state)
@@ -134,10 +151,16 @@ class JobContext:
 
     def save_artifact(self, path: Path, *, name: str, artifact_kind: str = "file",
                       meta: dict[str, Any] | None = None) -> str:
+        if not self.is_main:
+            return ""
         obj = self.store.put_file(Path(path))
         self.event("artifact", name=name, artifact_kind=artifact_kind, key=obj.key, sha256=obj.sha256,
                    size=obj.size, meta=meta or {})
         return obj.key
+
+
+def _drop_line(line: str) -> None:
+    """Event sink of non-zero ranks."""
 
 
 def _print_line(line: str) -> None:

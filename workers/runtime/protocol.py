@@ -11,6 +11,8 @@ with ``EVENT_PREFIX`` followed by a JSON object with a ``type`` field:
 
 Exit codes: ``EXIT_OK`` done; ``EXIT_PREEMPTED`` stopped on request after checkpointing (resume me);
 ``EXIT_CONFIG`` the job cannot run as specified (not retried); anything else is a method failure.
+Under torchrun (``resources.gpus > 1``) torchrun's own exit status is 1 for ANY failing rank, so rank 0
+also writes its exit code to ``RANK0_EXIT_FILE`` in the work dir, which the supervisor prefers.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ EXIT_CONFIG = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL
 
 JOB_FILE = "job.json"  # written by the supervisor into the child's work dir
+RANK0_EXIT_FILE = "rank0.exit"  # written by rank 0 of a multi-process method: its exit code
 
 
 def encode_event(event_type: str, **payload: Any) -> str:

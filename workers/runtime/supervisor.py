@@ -29,7 +29,7 @@ from shared.lineage import latest_checkpoint
 from shared.models import Job, Worker
 from workers.runtime.events import EventRelay
 from workers.runtime.inputs import ResumeRefused, fetch_resume_point, prepare_checkpoint, prepare_dataset
-from workers.runtime.protocol import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, JOB_FILE
+from workers.runtime.protocol import EXIT_CONFIG, EXIT_OK, EXIT_PREEMPTED, JOB_FILE, RANK0_EXIT_FILE
 
 log = logging.getLogger("crucible.supervisor")
 
@@ -251,6 +251,11 @@ def _watch(a: Attempt, job_file: Path, *, relay: EventRelay, worker_id: str, set
             _signal_group(proc, signal.SIGKILL)
             term_at = float("inf")
     rc = proc.returncode
+    if a.gpus > 1:  # torchrun reports 1 for any failed rank; rank 0 recorded what actually happened
+        try:
+            rc = int((a.workdir / RANK0_EXIT_FILE).read_text())
+        except (OSError, ValueError):
+            pass
     _signal_group(proc, signal.SIGKILL)  # anything the method left behind in its group
     if stop_reason == "lease_lost":
         log.warning("job %s attempt %d: lease lost (reconciled elsewhere); child killed, state untouched",

@@ -16,20 +16,24 @@ Per step (ssl.md 2.2), with ``u`` the target embedding and ``q`` the online pred
 
 Shuffle-BN: the reference permutes the target batch to change which samples share a BatchNorm group
 across DataParallel GPUs. On one device the whole batch is one BN group, so a permutation changes
-nothing; it is not implemented (multi-GPU would need SyncBN or a real cross-process shuffle instead).
+nothing; it is not implemented. Under DDP (``resources.gpus > 1``) BatchNorm is synchronised across the
+processes instead (``workers.vision.distributed``) and the bank is written with the all-gathered global
+batch, so a multi-process run computes what one process with the global batch would.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from workers.vision.bank import MemoryBank
-from workers.vision.ema import ema_update, make_target
-from workers.vision.heads import Encoder, MLPHead, head_dims
+from workers.ssl_trainer.base import BankMethod, MethodSetup, StepOutput
+from workers.vision.distributed import Comm
+from workers.vision.heads import MLPHead, head_dims
+
+__all__ = ["MSF", "StepOutput", "msf_loss", "purity", "spread"]
 
 
 def msf_loss(q: Tensor, neighbours: Tensor) -> Tensor:
@@ -58,15 +62,21 @@ def msf_loss(q: Tensor, neighbours: Tensor) -> Tensor:
     return (2.0 - 2.0 * cos).mean()
 
 
-def purity(query_labels: Tensor, neighbour_labels: Tensor) -> Tensor:
+def purity(query_labels: Tensor, neighbour_labels: Tensor, valid: Tensor | None = None) -> Tensor:
     """Share of neighbours whose label equals the query's (monitor only; ground-truth labels never train).
 
-    Queries with label -1 (unknown) are left out; 0 when no query has a label. Computed without a
-    host sync (no data-dependent branch), since it runs every step.
+    Queries with label -1 (unknown) are left out; 0 when no query has a label. ``valid`` (``[B, k]`` bool)
+    restricts each row to the neighbours actually used (CMSF rows whose constraint set is short). Computed
+    without a host sync (no data-dependent branch), since it runs every step.
     """
     known = (query_labels >= 0).float()
-    same = (neighbour_labels == query_labels.unsqueeze(1)).float().mean(dim=1)
-    return (same * known).sum() / known.sum().clamp_min(1.0)
+    same = (neighbour_labels == query_labels.unsqueeze(1)).float()
+    if valid is None:
+        per_row = same.mean(dim=1)
+    else:
+        w = valid.float()
+        per_row = (same * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)
+    return (per_row * known).sum() / known.sum().clamp_min(1.0)
 
 
 def spread(z: Tensor) -> Tensor:
@@ -79,55 +89,36 @@ def spread(z: Tensor) -> Tensor:
     return z.std(dim=0).mean() * z.shape[1] ** 0.5
 
 
-@dataclass
-class StepOutput:
-    loss: Tensor
-    purity: Tensor | None
-    q: Tensor  # online predictions, normalised [B, d]
-    u: Tensor  # target embeddings, normalised [B, d]
-    slots: Tensor  # bank rows selected as neighbours [B, k]
-
-
-class MSF(nn.Module):
-    """Online encoder + predictor, EMA target encoder and the memory bank.
-
-    Attribute names are the checkpoint layout: ``online.backbone`` (the network evaluated and exported
-    downstream), ``online.projector``, ``predictor``, ``target.{backbone,projector}``, ``bank``.
-    """
+class MSF(BankMethod):
+    """MSF (and BYOL as ``topk=1``) on the shared skeleton: projection ``D -> 2D -> D/4``, predictor of the
+    same MLP shape on the projection (reference R18: 512 -> 1024 -> 128, predictor 128 -> 1024 -> 128)."""
 
     def __init__(self, backbone: nn.Module, *, topk: int, bank_size: int, ema_momentum: float = 0.99,
                  proj_hidden_dim: int | None = None, proj_dim: int | None = None,
-                 bank_generator: torch.Generator | None = None) -> None:
-        super().__init__()
+                 bank_generator: torch.Generator | None = None, track_indices: bool = False,
+                 comm: Comm | None = None) -> None:
         feat_dim = int(backbone.out_dim)
         hidden, out = head_dims(feat_dim, proj_hidden_dim, proj_dim)
         if not 1 <= topk <= bank_size:
             raise ValueError(f"topk={topk} must be between 1 and bank_size={bank_size}")
-        self.topk, self.ema_momentum = topk, ema_momentum
-        self.online = Encoder(backbone, MLPHead(feat_dim, hidden, out))
-        # Predictor: same MLP shape on the projection (reference: 128 -> 1024 -> 128 for R18).
-        self.predictor = MLPHead(out, hidden, out)
-        self.target = make_target(self.online)
-        self.bank = MemoryBank(bank_size, out, generator=bank_generator)
+        super().__init__(backbone, MLPHead(feat_dim, hidden, out), MLPHead(out, hidden, out), bank_size=bank_size,
+                         bank_dim=out, ema_momentum=ema_momentum, track_indices=track_indices,
+                         bank_generator=bank_generator, comm=comm)
+        self.topk = topk
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Online encoder + predictor; weight decay applies to all of them (BN and biases too)."""
-        return [*self.online.parameters(), *self.predictor.parameters()]
+    @classmethod
+    def from_spec(cls, spec: Any, setup: MethodSetup) -> MSF:
+        return cls(setup.backbone, topk=int(spec.topk or 1), bank_size=spec.bank_size,
+                   ema_momentum=spec.ema_momentum, proj_hidden_dim=spec.proj_hidden_dim, proj_dim=spec.proj_dim,
+                   bank_generator=torch.Generator().manual_seed(spec.seed), comm=setup.comm)
 
-    def train(self, mode: bool = True) -> MSF:
-        super().train(mode)
-        # The target always uses batch statistics, like the reference (its BN never switches to eval).
-        self.target.train(True)
-        return self
-
-    def step(self, view_target: Tensor, view_online: Tensor, labels: Tensor | None = None) -> StepOutput:
+    def step(self, view_target: Tensor, view_online: Tensor, labels: Tensor | None = None,
+             indices: Tensor | None = None) -> StepOutput:
         """One MSF forward (steps 1-6 of the module docstring); the caller does backward + optimizer."""
-        q = F.normalize(self.predictor(self.online(view_online)).float(), dim=1)
-        ema_update(self.target, self.online, self.ema_momentum)
-        with torch.no_grad():
-            u = F.normalize(self.target(view_target).float(), dim=1)
+        q = self.predict(view_online)
+        u = self.encode_target(view_target)
         # Write BEFORE the search: each target's nearest neighbour is itself (k = 1 == BYOL).
-        self.bank.push(u, labels)
+        self.push_global(u, labels, indices)
         _, slots = self.bank.topk_neighbours(u, self.topk)
         loss = msf_loss(q, self.bank.gather(slots))
         pur = purity(labels, self.bank.labels[slots]) if labels is not None else None

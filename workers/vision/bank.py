@@ -93,8 +93,7 @@ class MemoryBank(nn.Module):
         """The ``k`` most similar bank rows (cosine) of each query row: ``(sims [B, k], slots [B, k])``.
 
         Max cosine == min squared distance ``2 - 2 cos`` for unit vectors, so this is the distance top-k of
-        the reference. Similarities are computed in fp32 (outside any autocast) chunk by chunk and merged,
-        so peak memory is ``B x chunk_rows``, not ``B x K``.
+        the reference. See ``chunked_topk`` for the memory bound (``B x chunk_rows``, never ``B x K``).
 
         Args:
             query: ``[B, d]``; normalised here.
@@ -105,25 +104,46 @@ class MemoryBank(nn.Module):
         """
         if not 1 <= k <= self.size:
             raise ValueError(f"k={k} must be between 1 and the bank size {self.size}")
-        with torch.autocast(device_type=query.device.type, enabled=False):
-            q = F.normalize(query.detach().float(), dim=1)
-            best_sims: Tensor | None = None
-            best_slots: Tensor | None = None
-            for start in range(0, self.size, chunk_rows):
-                end = min(start + chunk_rows, self.size)
-                sims = q @ self.rows[start:end].T
-                if mask_fn is not None:
-                    sims = sims.masked_fill(~mask_fn(start, end), float("-inf"))
-                s, i = sims.topk(min(k, end - start), dim=1)
-                i = i + start
-                if best_sims is None or best_slots is None:
-                    best_sims, best_slots = s, i
-                else:  # merge this chunk's winners with the running best
-                    s, j = torch.cat([best_sims, s], dim=1).topk(k, dim=1)
-                    best_sims, best_slots = s, torch.cat([best_slots, i], dim=1).gather(1, j)
-            assert best_sims is not None and best_slots is not None
-            return best_sims, best_slots
+        return chunked_topk(query, lambda s, e: self.rows[s:e], self.size, k, mask_fn=mask_fn,
+                            chunk_rows=chunk_rows)
 
     def gather(self, slots: Tensor) -> Tensor:
         """Bank rows at ``slots`` (any shape ``S``) -> ``S + [d]`` (e.g. ``[B, k, d]`` neighbours)."""
         return self.rows[slots]
+
+
+@torch.no_grad()
+def chunked_topk(query: Tensor, keys: Callable[[int, int], Tensor], size: int, k: int, *,
+                 mask_fn: MaskFn | None = None, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> tuple[Tensor, Tensor]:
+    """Exact top-``k`` cosine search of ``query [B, d]`` over ``size`` key rows served chunk by chunk.
+
+    ``keys(start, end)`` returns rows ``[end - start, d]`` (unit norm; e.g. a slice of the bank, or cached
+    embeddings gathered by the bank's dataset indices for CMSF's constraint space). Each chunk's ``B x
+    chunk`` similarities are reduced to their top-k and merged with the running best, so peak memory is
+    ``B x chunk_rows`` (64 MiB at B = 256) whatever ``size`` is - a 1M-row bank never builds the 1 GB
+    ``B x K`` matrix. Similarities are fp32 (outside any autocast): near-ties decide neighbours.
+
+    Returns:
+        ``(sims [B, k'], rows [B, k'])`` with ``k' = min(k, size)``, best first; rows masked out by
+        ``mask_fn`` carry ``-inf`` and come last.
+    """
+    k = min(k, size)
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        q = F.normalize(query.detach().float(), dim=1)
+        best_sims: Tensor | None = None
+        best_rows: Tensor | None = None
+        for start in range(0, size, chunk_rows):
+            end = min(start + chunk_rows, size)
+            sims = q @ keys(start, end).float().T
+            if mask_fn is not None:
+                sims = sims.masked_fill(~mask_fn(start, end), float("-inf"))
+            s, i = sims.topk(min(k, end - start), dim=1)
+            i = i + start
+            if best_sims is None or best_rows is None:
+                best_sims, best_rows = s, i
+            else:  # merge this chunk's winners with the running best
+                merged = torch.cat([best_sims, s], dim=1)
+                s, j = merged.topk(min(k, merged.shape[1]), dim=1)
+                best_sims, best_rows = s, torch.cat([best_rows, i], dim=1).gather(1, j)
+        assert best_sims is not None and best_rows is not None
+        return best_sims, best_rows

@@ -3,6 +3,8 @@
 * ``TwoViewDataset`` - ``(index, (view_target, view_online), label)``, the reference's two-view contract
   ("target/online" order); the dataset index is what per-sample caches (CMSF) and cached teacher
   features (CompRess/SimReg) key on.
+* ``OneViewDataset`` - ``(index, view, label)``: one augmented view per image (SimReg/CompRess feed the
+  SAME view to teacher and student; the linear probe trains on it).
 * ``EvalDataset`` - ``(index, image, label)`` with the evaluation transform only.
 
 Both implement ``__getitems__``: the DataLoader hands over a whole batch of indices and the views are
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 from workers.vision.augment import EvalTransform, ViewTransform
 
@@ -65,6 +67,30 @@ class TwoViewDataset(Dataset[Any]):
         return int(idx[0]), (vt[0], vo[0]), int(y[0])
 
 
+class OneViewDataset(Dataset[Any]):
+    """One augmented view of every image: ``(index, view, label)``; randomness as in ``TwoViewDataset``."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: ViewTransform, *, seed: int = 0) -> None:
+        self.images = to_chw_tensor(images)
+        self.labels = torch.tensor(np.asarray(labels), dtype=torch.long)
+        self.transform = transform
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return idx, self.transform(self.images.index_select(0, idx), self.generator), self.labels.index_select(0, idx)
+
+    def __getitem__(self, index: int) -> tuple[int, Tensor, int]:
+        idx, x, y = self.__getitems__([index])
+        return int(idx[0]), x[0], int(y[0])
+
+
 class EvalDataset(Dataset[Any]):
     """``(index, image, label)`` with the evaluation transform (normalisation only)."""
 
@@ -99,16 +125,28 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def train_loader(dataset: TwoViewDataset, batch_size: int, *, seed: int, epoch: int, num_workers: int = 0,
-                 pin_memory: bool = False) -> DataLoader[Any]:
-    """Shuffled, ``drop_last=True`` loader for one epoch (banks need full batches: K % B == 0)."""
-    if len(dataset) < batch_size:
-        raise ValueError(f"{len(dataset)} training images cannot fill one batch of {batch_size}")
+                 pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader[Any]:
+    """Shuffled, ``drop_last=True`` loader for one epoch (banks need full batches: K % B == 0).
+
+    With ``world_size > 1`` (DDP) ``batch_size`` is this process's share of the global batch and a
+    ``DistributedSampler`` (shuffle seeded by ``seed``, re-drawn per epoch with ``set_epoch``, no padding)
+    gives every rank a disjoint slice of the same epoch permutation, so each dataset index appears at most
+    once per global batch (per-sample caches such as CMSF's rely on it). The augmentation generator is
+    offset by the rank: ranks see different images and must not share random draws either.
+    """
+    if len(dataset) < batch_size * world_size:
+        raise ValueError(f"{len(dataset)} training images cannot fill one batch of {batch_size * world_size}")
     s = epoch_seed(seed, epoch)
-    dataset.reseed(s)  # used when num_workers == 0 (augmentation in the main process)
+    dataset.reseed((s + rank) % (2**63 - 1))  # used when num_workers == 0 (augmentation in the main process)
+    sampler: DistributedSampler[Any] | None = None
+    if world_size > 1:
+        sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=True)
+        sampler.set_epoch(epoch)
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
-        generator=torch.Generator().manual_seed(s), worker_init_fn=_seed_worker, collate_fn=collated,
-        pin_memory=pin_memory, persistent_workers=False,
+        dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
+        num_workers=num_workers, generator=torch.Generator().manual_seed((s + rank) % (2**63 - 1)),
+        worker_init_fn=_seed_worker, collate_fn=collated, pin_memory=pin_memory, persistent_workers=False,
     )
 
 

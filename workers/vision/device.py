@@ -24,14 +24,19 @@ def select_device(prefer: str | None = None) -> torch.device:
 
 
 def configure_threads() -> int:
-    """Apply ``CRUCIBLE_WORKER_TORCH_THREADS`` if set to a positive number; returns the thread count."""
+    """Apply ``CRUCIBLE_WORKER_TORCH_THREADS`` if set to a positive number; returns the thread count.
+
+    The budget is per job: under torchrun each of the ``LOCAL_WORLD_SIZE`` processes on this machine takes
+    an equal share (two 2-thread ranks on 2 cores would slow each other down many times over).
+    """
     raw = os.environ.get(THREADS_ENV, "").strip()
     try:
         n = int(raw) if raw else 0
+        local_procs = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     except ValueError:
         raise ValueError(f"{THREADS_ENV} must be an integer (0 = torch default), got {raw!r}") from None
     if n > 0:
-        torch.set_num_threads(n)
+        torch.set_num_threads(max(1, n // local_procs))
     return torch.get_num_threads()
 
 
