@@ -20,7 +20,10 @@ def get_db() -> Iterator[Session]:
         yield session
 
 
-SessionDep = Annotated[Session, Depends(get_db)]
+# scope="function": commit BEFORE the response is sent. FastAPI's default ("request") closes a yield
+# dependency after the response, so a client could read 201 for a job and then get 404 for it (or be told
+# it was created when the commit then failed).
+SessionDep = Annotated[Session, Depends(get_db, scope="function")]
 
 
 def get_project(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Project:

@@ -38,6 +38,13 @@ class Platform:
         return self.http.get(f"/v1/jobs/{job_id}/events", params={"type": types or [], "limit": 5000}).json()
 
     def start_worker(self, kind: str = "ssl-trainer") -> Any:
+        """Start a worker, after stopping the ones earlier tests started: the job must run on the worker a test
+        watches or kills, and one training process at a time keeps 2 cores usable."""
+        from services.localstack import stop
+
+        for name, proc in self.procs.procs.items():
+            if name.startswith("worker"):
+                stop(proc, timeout=20)
         self._workers += 1
         return self.procs.start(f"worker{self._workers}", "worker", "--kind", kind)
 
