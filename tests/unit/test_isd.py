@@ -97,10 +97,10 @@ def test_isd_recipes_heads_and_monitors() -> None:
     pred = r18.predictor
     assert isinstance(r18.online.projector, torch.nn.Identity) and r18.bank.dim == 512
     assert pred[0].bias is None and isinstance(pred[1], torch.nn.BatchNorm1d) and pred[3].out_features == 512
-    assert r18.projector_export() == (None, None)
+    assert r18.exported_projector() is None
     plus = _isd("plus")
-    state, dims = plus.projector_export()
-    assert dims == {"in": 512, "hidden": 64, "out": 16} and state is not None and "0.weight" in state
+    proj = plus.exported_projector()
+    assert (proj.in_dim, proj.hidden_dim, proj.out_dim) == (512, 64, 16) and "0.weight" in proj.state_dict()
     out = plus.step(torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32), torch.arange(8))
     ratio = float(out.extras["teacher_entropy_ratio"])
     assert 0.0 < ratio <= 1.0 + 1e-6

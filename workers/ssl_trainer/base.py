@@ -124,13 +124,10 @@ class BankMethod(nn.Module):
         """After the last step of ``epoch``, before its checkpoint; returns metrics to log."""
         return {}
 
-    def projector_export(self) -> tuple[dict[str, Tensor] | None, dict[str, int] | None]:
-        """(state dict, {"in", "hidden", "out"}) of the online projection head for downstream jobs."""
+    def exported_projector(self) -> nn.Module | None:
+        """The online projection head downstream jobs may read (None when the method has none, e.g. ISD-r18)."""
         proj = self.online.projector
-        if not all(hasattr(proj, a) for a in ("in_dim", "hidden_dim", "out_dim")):
-            return None, None
-        state = {k: v.detach().cpu().clone() for k, v in proj.state_dict().items()}
-        return state, {"in": int(proj.in_dim), "hidden": int(proj.hidden_dim), "out": int(proj.out_dim)}
+        return proj if all(hasattr(proj, a) for a in ("in_dim", "hidden_dim", "out_dim")) else None
 
     def convert_sync_batchnorm(self, device: torch.device) -> None:
         """Synchronise BN statistics across processes (call before building the optimiser)."""

@@ -49,15 +49,7 @@ from workers.runtime.context import JobConfigError
 from workers.ssl_trainer.base import MethodSetup
 from workers.ssl_trainer.methods import build_method
 from workers.ssl_trainer.msf import spread
-from workers.ssl_trainer.state import (
-    check_finite,
-    check_resumable,
-    export_part,
-    fmt,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
+from workers.ssl_trainer.state import export_part
 from workers.vision import device as dev
 from workers.vision import distributed
 from workers.vision.augment import EvalTransform, build_view_transforms
@@ -66,6 +58,14 @@ from workers.vision.data import EvalDataset, TwoViewDataset, train_loader
 from workers.vision.knn import evaluate_knn
 from workers.vision.local import LocalContext
 from workers.vision.schedule import lr_at_epoch, set_lr
+from workers.vision.training import (
+    check_finite,
+    check_resumable,
+    fmt_metrics,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
 
 LOG_EVERY = 10  # steps between metric events (each costs a device sync for .item())
 
@@ -147,7 +147,8 @@ class Trainer:
 
         # --- data: two views per image (target/online), plus un-augmented sets for k-NN ------------------
         self.mean, self.std = dataset.channel_stats()
-        t_target, t_online = build_view_transforms(spec.augmentation, dataset.image_size, self.mean, self.std)
+        t_target, t_online = build_view_transforms(spec.augmentation, dataset.image_size, self.mean, self.std,
+                                                   color_jitter=spec.color_jitter)
         self.train_set = TwoViewDataset(dataset.train_images, dataset.train_labels, t_target, t_online,
                                         seed=spec.seed)
         self.knn_train = EvalDataset(dataset.train_images, dataset.train_labels, EvalTransform(self.mean, self.std))
@@ -213,7 +214,7 @@ class Trainer:
         spec, ctx, model = self.spec, self.ctx, self.model
         state = ctx.load_checkpoint()  # every rank reads the same resume checkpoint
         if state is not None:
-            check_resumable(state, spec)
+            check_resumable(state, spec, required=("model", "epoch"), what="ssl-train")
             model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             if state.get("scaler") and self.scaler.is_enabled():  # empty when saved without fp16 scaling
@@ -226,7 +227,7 @@ class Trainer:
             start_epoch = 1
             t0 = time.perf_counter()
             self.baseline = self._knn()
-            self._say(f"random-init k-NN baseline ({time.perf_counter() - t0:.1f}s): {fmt(self.baseline)}")
+            self._say(f"random-init k-NN baseline ({time.perf_counter() - t0:.1f}s): {fmt_metrics(self.baseline)}")
             self._log({f"baseline_{k}": v for k, v in self.baseline.items()} | {"epoch": 0}, step=0)
         step = (start_epoch - 1) * self.steps_per_epoch
         start_metrics = model.on_fit_start(ctx, resumed=state is not None)
@@ -252,7 +253,7 @@ class Trainer:
             result["final_loss"] = epoch_loss
         if self.comm.is_main:
             ctx.set_result(result)
-        self._say(f"done: {fmt(self.last_knn)} (random init: {fmt(self.baseline)})")
+        self._say(f"done: {fmt_metrics(self.last_knn)} (random init: {fmt_metrics(self.baseline)})")
         self.comm.barrier()  # rank 0's final upload completes before any rank exits
         return result
 
@@ -316,9 +317,9 @@ class Trainer:
             self.last_knn = self._knn()
             epoch_values |= self.last_knn
         self._log(epoch_values, step=step)
+        knn_part = f", {fmt_metrics(self.last_knn)}" if "knn_top1_k1" in epoch_values else ""
         self._say(f"epoch {epoch}/{spec.epochs}: loss {epoch_loss:.4f}, purity {epoch_values['epoch_purity']:.3f}, "
-                  f"{epoch_values['epoch_time_s']:.1f}s" + (f", {fmt(self.last_knn)}" if "knn_top1_k1" in epoch_values
-                                                            else ""))
+                  f"{epoch_values['epoch_time_s']:.1f}s{knn_part}")
         if epoch < spec.epochs and epoch % spec.checkpoint_every == 0:
             self._checkpoint(epoch)
         return epoch_loss, step
