@@ -81,13 +81,17 @@ class SslTrainSpec(VisionTrainingSpec):
 
     critical_keys: ClassVar[tuple[str, ...]] = (
         "method", "dataset", "limit_train", "image_size", "backbone", "stem", "batch_size", "bank_size", "topk",
-        "augmentation", "proj_hidden_dim", "proj_dim", "seed", "cmsf", "isd",
+        "augmentation", "color_jitter", "proj_hidden_dim", "proj_dim", "seed", "cmsf", "isd",
     )
 
     kind: Literal["ssl-train"] = "ssl-train"
     method: Literal["msf", "byol", "cmsf", "isd"] = Field("msf", description="byol = msf with topk=1")
     augmentation: Augmentation = Field(
         "weak/strong", description="target/online views: 'weak/strong' gives the weak view to the EMA target")
+    color_jitter: list[float] = Field(
+        default_factory=lambda: [0.4, 0.4, 0.4, 0.1], min_length=4, max_length=4,
+        description="strong views' ColorJitter (brightness, contrast, saturation, hue), applied with p=0.8; "
+                    "MoCo-v2's by default; hue 0.5 = any hue rotation (colour-keyed small images, e.g. shapes)")
     proj_hidden_dim: int | None = Field(None, ge=8, description="default 2x backbone width")
     proj_dim: int | None = Field(None, ge=8, description="default backbone width / 4")
 
@@ -107,6 +111,14 @@ class SslTrainSpec(VisionTrainingSpec):
             isd = data.get("isd") or {}
             return dict(_ISD_RECIPES.get(isd.get("recipe", "plus") if isinstance(isd, dict) else "plus", {}))
         return {}
+
+    @field_validator("color_jitter")
+    @classmethod
+    def _color_jitter(cls, v: list[float]) -> list[float]:
+        if any(x < 0 for x in v) or v[3] > 0.5:
+            raise ValueError(f"color_jitter {v}: brightness, contrast and saturation must be >= 0 and hue in "
+                             "[0, 0.5]")
+        return v
 
     @field_validator("bank_size")
     @classmethod

@@ -69,6 +69,23 @@ def test_shapes_colour_is_not_the_class_cue_but_shape_is_learnable() -> None:
     assert 0.13 < acc < 0.6, acc
 
 
+def test_shapes_colours_are_one_random_tint_per_image() -> None:
+    """Shape and background are the light and dark tone of ONE hue, so a hue rotation (colour jitter with
+    hue 0.5) can map any image's colours onto any other's; hues cover the whole wheel, polarity is random."""
+    import colorsys
+
+    fg, bg = shapes_mod._colours(np.random.default_rng(0), 2000)
+    assert fg.shape == bg.shape == (2000, 3) and fg.dtype == np.float32
+    hsv_fg = np.array([colorsys.rgb_to_hsv(*c) for c in fg / 255.0])
+    hsv_bg = np.array([colorsys.rgb_to_hsv(*c) for c in bg / 255.0])
+    hue_gap = np.abs(hsv_fg[:, 0] - hsv_bg[:, 0])
+    assert np.minimum(hue_gap, 1 - hue_gap).max() < 1e-3
+    assert np.histogram(hsv_fg[:, 0], bins=6, range=(0, 1))[0].min() > 250  # the whole colour wheel
+    light_shape = hsv_fg[:, 2] > hsv_bg[:, 2]
+    assert 0.45 < light_shape.mean() < 0.55
+    assert (np.abs(hsv_fg[:, 2] - hsv_bg[:, 2]) >= 0.3 - 1e-6).all()  # light vs dark: the shape stays visible
+
+
 def test_shapes_resizes_to_other_sizes() -> None:
     ds = load_dataset({"uri": "builtin://shapes"}, image_size=48, limit_train=20, limit_test=10)
     assert ds.train_images.shape == (20, 48, 48, 3) and ds.test_images.shape == (10, 48, 48, 3)

@@ -161,3 +161,14 @@ def test_bank_larger_than_the_dataset_is_a_config_error(tmp_path: Path) -> None:
     ctx, _ = _context(tmp_path, "c", store, SPEC | {"limit_train": 64, "bank_size": 128})
     with pytest.raises(JobConfigError, match="bank_size=128 exceeds the 64 training images"):
         run(ctx)
+
+
+def test_color_jitter_option_defaults_to_moco_and_is_validated() -> None:
+    base = {"kind": "ssl-train", "method": "msf", "dataset": "builtin://shapes"}
+    assert SslTrainSpec(**base).color_jitter == [0.4, 0.4, 0.4, 0.1]
+    spec = SslTrainSpec(**base, color_jitter=[0.4, 0.4, 0.4, 0.5])
+    assert spec.critical_config()["color_jitter"] == [0.4, 0.4, 0.4, 0.5]  # a resume must not change it
+    for bad in ([0.4, 0.4, 0.4, 0.6], [-0.1, 0.4, 0.4, 0.1], [0.4, 0.4, 0.4]):
+        with pytest.raises(ValueError):
+            SslTrainSpec(**base, color_jitter=bad)
+

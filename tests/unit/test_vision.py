@@ -13,6 +13,7 @@ from workers.vision.augment import (
     ViewTransform,
     _adjust_hue,
     build_view_transforms,
+    color_jitter,
     crop_boxes,
     resized_crop_flip,
 )
@@ -67,6 +68,20 @@ def test_views_are_per_sample_and_reproducible() -> None:
     assert blurred.shape == (2, 3, 96, 96) and torch.isfinite(blurred).all()
     with pytest.raises(ValueError, match="target/online"):
         build_view_transforms("weak-strong", 16, MEAN, STD)
+
+
+def test_strong_views_colour_jitter_is_configurable() -> None:
+    weak, strong = build_view_transforms("weak/strong", 16, MEAN, STD)
+    assert strong.jitter == (0.4, 0.4, 0.4, 0.1) and not weak.strong  # MoCo-v2 by default
+    t_target, t_online = build_view_transforms("strong/strong", 16, MEAN, STD, color_jitter=[0, 0, 0, 0.5])
+    assert t_target.jitter == t_online.jitter == (0, 0, 0, 0.5)
+    # hue 0.5 rotates a pure red image to any hue: all three channels end up dominant somewhere.
+    red = torch.zeros(256, 3, 4, 4)
+    red[:, 0] = 1.0
+    out = color_jitter(red, (0, 0, 0, 0.5), 1.0, torch.Generator().manual_seed(0))
+    assert set(out.mean(dim=(2, 3)).argmax(dim=1).tolist()) == {0, 1, 2}
+    out = color_jitter(red, (0, 0, 0, 0.1), 1.0, torch.Generator().manual_seed(0))
+    assert set(out.mean(dim=(2, 3)).argmax(dim=1).tolist()) == {0}  # +-36 degrees stays red-dominant
 
 
 def test_two_view_loader_contract_and_determinism() -> None:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 BLUR_MIN_SIZE = 96
+MOCO_JITTER = (0.4, 0.4, 0.4, 0.1)  # ColorJitter(brightness, contrast, saturation, hue) of MoCo-v2
 _LUMA = (0.299, 0.587, 0.114)
 
 
@@ -169,7 +170,7 @@ class ViewTransform:
     """One augmentation pipeline ("weak" or "strong"); callable on uint8 images, returns normalised floats."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], *, strong: bool,
-                 scale: tuple[float, float] = (0.2, 1.0), jitter: Sequence[float] = (0.4, 0.4, 0.4, 0.1),
+                 scale: tuple[float, float] = (0.2, 1.0), jitter: Sequence[float] = MOCO_JITTER,
                  jitter_p: float = 0.8, grayscale_p: float = 0.2, blur: bool | None = None) -> None:
         self.image_size = image_size
         self.strong = strong
@@ -216,9 +217,13 @@ class EvalTransform:
         return x.squeeze(0) if single else x
 
 
-def build_view_transforms(augmentation: str, image_size: int, mean: Sequence[float],
-                          std: Sequence[float]) -> tuple[ViewTransform, ViewTransform]:
-    """``"weak/strong"`` -> (target transform, online transform): the reference's "target/online" naming."""
+def build_view_transforms(augmentation: str, image_size: int, mean: Sequence[float], std: Sequence[float], *,
+                          color_jitter: Sequence[float] = MOCO_JITTER) -> tuple[ViewTransform, ViewTransform]:
+    """``"weak/strong"`` -> (target transform, online transform): the reference's "target/online" naming.
+
+    ``color_jitter`` is the strong views' ColorJitter (brightness, contrast, saturation, hue); the default
+    is MoCo-v2's. Weak views never jitter colour.
+    """
     try:
         target, online = augmentation.split("/")
         if {target, online} - {"weak", "strong"}:
@@ -226,5 +231,5 @@ def build_view_transforms(augmentation: str, image_size: int, mean: Sequence[flo
     except ValueError:
         raise ValueError(f"augmentation must be '<weak|strong>/<weak|strong>' (target/online), "
                          f"got {augmentation!r}") from None
-    return (ViewTransform(image_size, mean, std, strong=target == "strong"),
-            ViewTransform(image_size, mean, std, strong=online == "strong"))
+    return (ViewTransform(image_size, mean, std, strong=target == "strong", jitter=color_jitter),
+            ViewTransform(image_size, mean, std, strong=online == "strong", jitter=color_jitter))
