@@ -142,8 +142,9 @@ class EmbeddedStack:
 # Sized for 2 CPU cores: 6 epochs (the CLI default) of 5,000 shapes at batch 32 is ~940 SGD steps, ~6 min of
 # training at ~0.37 s/step; the same budget as the MSF row of bench/ssl_repro.py. lr is MSF's 0.05 at batch 256
 # scaled linearly. strong/strong with a full hue rotation (color_jitter hue 0.5): every shapes image is one
-# random tint, and MoCo-v2's +-0.1 hue leaves the tint as a shortcut (views matched by colour, k-NN at or
-# below random init).
+# random tint, and MoCo-v2's +-0.1 hue leaves the tint as a shortcut. Measured: at this budget MSF's k-NN
+# stays BELOW the random-init baseline (lr 0.05, crop scale 0.5-1 and a fixed light/dark polarity did not
+# change that; README "Reproduction"); the demo prints both and says which is ahead, it does not hide it.
 DEMO_SPEC: dict[str, Any] = {
     "kind": "ssl-train", "method": "msf", "experiment": "demo", "name": "msf-shapes-demo",
     "dataset": "builtin://shapes", "limit_train": 5000, "limit_test": 1000, "backbone": "resnet18",
@@ -170,6 +171,11 @@ def run_demo(*, epochs: int, keep_running: bool, echo: Echo, follow: Callable[[s
             base = res.get(f"baseline_{key}")
             ratio = f"  ({res[key] / base:.2f}x random init)" if base else ""
             echo(f"  {key:28} MSF {res[key]:.3f}   random init {base if base is not None else float('nan'):.3f}{ratio}")
+        behind = [k for k in res if k.startswith("knn_") and res[k] <= res.get(f"baseline_{k}", -1.0)]
+        if behind:
+            echo(f"note: MSF is not above random init on {', '.join(sorted(behind))} after {epochs} epochs "
+                 "(~1k SGD steps at the default); the README's 'Reproduction' section has the numbers and what "
+                 "was tried")
         ckpts = client.artifacts(job_id=job["id"], kind="checkpoint")
         if ckpts:
             echo(f"checkpoint: {ckpts[-1]['uri']} (artifact {ckpts[-1]['id']}; `GET /v1/artifacts/<id>` for a URL)")
