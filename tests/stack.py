@@ -50,6 +50,8 @@ class TestStack:
         self.env = {
             "CRUCIBLE_ENV": "test",
             "CRUCIBLE_HOME": str(self.run_dir / "home"),
+            # not the machine-wide default in /tmp: a scheduler that ran outside the tests leaves that file stale
+            "CRUCIBLE_SCHEDULER_ALIVE_FILE": str(self.run_dir / "scheduler.alive"),
             "CRUCIBLE_DATABASE_URL": f"{base}/{PG_DB}",
             "CRUCIBLE_BROKER_URL": redis_url,
             "CRUCIBLE_S3_ENDPOINT": f"127.0.0.1:{s3_port}",

@@ -206,9 +206,12 @@ def test_worker_probe_and_heartbeat_metric_follow_the_workers_table(client, fres
 
 
 @pytest.mark.integration
-def test_scheduler_probe_passes_against_the_stack(stack):
+def test_scheduler_probe_passes_against_the_stack(stack, tmp_path, monkeypatch):
     from services.cli.main import app as cli
+    from shared.config import get_settings
 
+    # No scheduler has run in this container yet: the probe must then check the database and the broker only.
+    monkeypatch.setattr(get_settings(), "SCHEDULER_ALIVE_FILE", tmp_path / "scheduler.alive")
     result = CliRunner().invoke(cli, ["probe", "scheduler"])
     assert result.exit_code == 0, result.output
 
