@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shared.data import DatasetError, ImageDataset, load_dataset
+from shared.data import ImageDataset
 from shared.specs import DistillSpec
 from workers.distiller.compress import CompRess
 from workers.distiller.simreg import SimReg
@@ -50,6 +50,7 @@ from workers.vision.training import (
     check_finite,
     check_resumable,
     fmt_metrics,
+    load_job_dataset,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -66,14 +67,7 @@ def run(ctx: Any) -> None:
     spec = ctx.spec
     if not isinstance(spec, DistillSpec):
         raise JobConfigError(f"distill got a {type(spec).__name__} spec")
-    ref = ctx.inputs.get("dataset") or {"uri": spec.dataset}
-    try:
-        dataset = load_dataset(ref, image_size=spec.image_size, limit_train=spec.limit_train,
-                               limit_test=spec.limit_test)
-    except DatasetError as exc:
-        raise JobConfigError(str(exc)) from exc
-    ctx.log(f"dataset {dataset.name}: {len(dataset.train_images)} train / {len(dataset.test_images)} test "
-            f"images, {dataset.num_classes} classes, {dataset.image_size}px")
+    dataset = load_job_dataset(ctx, image_size=spec.image_size)
     train(spec, dataset, teacher_sources(ctx, len(spec.teachers)), ctx=ctx)
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.data import DatasetError, ImageDataset, load_dataset
+from shared.data import ImageDataset
 from shared.specs import EvalSpec
 from workers.evaluator.linear import ProbeData, train_probe
 from workers.runtime.context import JobConfigError
@@ -39,7 +39,7 @@ from workers.vision.checkpoints import load_encoder, model_meta, read_checkpoint
 from workers.vision.data import EvalDataset, OneViewDataset
 from workers.vision.knn import extract_features, knn_accuracy
 from workers.vision.local import LocalContext
-from workers.vision.training import check_resumable, fmt_metrics
+from workers.vision.training import check_resumable, fmt_metrics, load_job_dataset
 
 PROBE_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, as the reference probe uses
 
@@ -56,13 +56,7 @@ def run(ctx: Any) -> None:
     state = read_checkpoint(entry["path"])
     meta = model_meta(state, source=spec.checkpoint)
     size = spec.image_size or int(meta["image_size"])
-    ref = ctx.inputs.get("dataset") or {"uri": spec.dataset}
-    try:
-        dataset = load_dataset(ref, image_size=size, limit_train=spec.limit_train, limit_test=spec.limit_test)
-    except DatasetError as exc:
-        raise JobConfigError(str(exc)) from exc
-    ctx.log(f"dataset {dataset.name}: {len(dataset.train_images)} train / {len(dataset.test_images)} test "
-            f"images, {dataset.num_classes} classes, {dataset.image_size}px")
+    dataset = load_job_dataset(ctx, image_size=size)
     evaluate(spec, dataset, state, ctx=ctx)
 
 

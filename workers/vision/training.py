@@ -2,7 +2,8 @@
 
 * seeding and the RNG snapshot that goes into a checkpoint, so a resumed attempt continues the same streams;
 * the "was this checkpoint written under the same config" check, with the fix in the message;
-* a finite-loss guard and a compact metric formatter for log lines.
+* a finite-loss guard and a compact metric formatter for log lines;
+* loading a job's dataset input, with a bad dataset reported as a config error.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.data import DatasetError, ImageDataset, load_dataset
 from workers.runtime.context import JobConfigError
 
 
@@ -67,3 +69,18 @@ def check_finite(loss: float, lr: float) -> None:
 
 def fmt_metrics(values: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in values.items())
+
+
+def load_job_dataset(ctx: Any, *, image_size: int) -> ImageDataset:
+    """The job's dataset (the platform-resolved ``ctx.inputs["dataset"]``, else ``spec.dataset``) at
+    ``image_size`` with the spec's train/test limits; logs its size. A dataset that does not load is the
+    user's config, not a crash: ``JobConfigError``."""
+    spec = ctx.spec
+    ref = ctx.inputs.get("dataset") or {"uri": spec.dataset}
+    try:
+        dataset = load_dataset(ref, image_size=image_size, limit_train=spec.limit_train, limit_test=spec.limit_test)
+    except DatasetError as exc:
+        raise JobConfigError(str(exc)) from exc
+    ctx.log(f"dataset {dataset.name}: {len(dataset.train_images)} train / {len(dataset.test_images)} test "
+            f"images, {dataset.num_classes} classes, {dataset.image_size}px")
+    return dataset
