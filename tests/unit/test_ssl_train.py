@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import shutil
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,8 +9,7 @@ import torch
 
 from shared.data import load_dataset
 from shared.specs import SslTrainSpec
-from workers.runtime.context import JobConfigError, JobContext, Preempted
-from workers.runtime.protocol import JOB_FILE, decode_line
+from workers.runtime.context import JobConfigError, Preempted
 from workers.ssl_trainer.train import run, train
 from workers.vision.local import LocalContext
 
@@ -27,46 +21,6 @@ SPEC: dict[str, Any] = {
     "epochs": 2, "knn_every": 1, "knn_k": [1, 5], "checkpoint_every": 1, "proj_hidden_dim": 128,
     "proj_dim": 32,
 }
-
-
-@dataclass(frozen=True)
-class StoredObject:
-    key: str
-    sha256: str
-    size: int
-
-
-class DirStore:
-    """Object-store stand-in: content-addressed copies in a local directory."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def put_file(self, path: Path) -> StoredObject:
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-        shutil.copyfile(path, self.root / digest)
-        return StoredObject(key=f"cas/sha256/{digest}", sha256=digest, size=Path(path).stat().st_size)
-
-    def path(self, key: str) -> Path:
-        return self.root / key.rsplit("/", 1)[-1]
-
-
-def _context(tmp_path: Path, name: str, store: DirStore, spec: dict[str, Any],
-             resume: Path | None = None) -> tuple[JobContext, list[dict[str, Any]]]:
-    workdir = tmp_path / name
-    workdir.mkdir()
-    job = {"job_id": "00000000-0000-0000-0000-000000000001", "attempt": 1 if resume is None else 2,
-           "kind": "ssl-train", "spec": spec, "inputs": {"dataset": {"uri": spec["dataset"]}},
-           "resume": {"path": str(resume)} if resume else None}
-    (workdir / JOB_FILE).write_text(json.dumps(job))
-    events: list[dict[str, Any]] = []
-
-    def emit(line: str) -> None:
-        event = decode_line(line)
-        events.append(event if event is not None else {"type": "log", "message": line})
-
-    return JobContext(workdir, emit=emit, store=store), events
 
 
 def _of(events: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
@@ -91,9 +45,8 @@ def _assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
             assert a[k] == b[k], k
 
 
-def test_run_reports_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
-    store = DirStore(tmp_path / "store")
-    ctx, events = _context(tmp_path, "a", store, SPEC)
+def test_run_reports_checkpoints_and_resumes_exactly(job_context: Any) -> None:
+    ctx, events, store = job_context("a", "ssl-train", SPEC)
     run(ctx)
 
     progress = _of(events, "progress")
@@ -117,7 +70,7 @@ def test_run_reports_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
     assert final["baseline_knn"] == epoch1["baseline_knn"]
 
     # A second attempt resumes from the epoch-1 checkpoint and ends in exactly the same state.
-    ctx_b, events_b = _context(tmp_path, "b", store, SPEC, resume=store.path(ckpts[0]["key"]))
+    ctx_b, events_b, _ = job_context("b", "ssl-train", SPEC, resume=store.path(ckpts[0]["key"]))
     run(ctx_b)
     assert _of(events_b, "progress")[0]["done"] == 5  # first step of epoch 2
     assert not any("baseline_knn_top1_k1" in e["values"] for e in _of(events_b, "metrics"))
@@ -136,9 +89,8 @@ def test_run_reports_checkpoints_and_resumes_exactly(tmp_path: Path) -> None:
     _assert_same_state({"model": local.checkpoint_state(-1)["model"]}, {"model": final["model"]})
 
 
-def test_stop_request_checkpoints_then_raises_preempted(tmp_path: Path) -> None:
-    store = DirStore(tmp_path / "store")
-    ctx, events = _context(tmp_path, "p", store, SPEC | {"epochs": 1, "knn_every": 0})
+def test_stop_request_checkpoints_then_raises_preempted(job_context: Any) -> None:
+    ctx, events, store = job_context("p", "ssl-train", SPEC | {"epochs": 1, "knn_every": 0})
     original = ctx.progress
 
     def progress(done: int, total: int, **kw: Any) -> None:
@@ -156,9 +108,8 @@ def test_stop_request_checkpoints_then_raises_preempted(tmp_path: Path) -> None:
     assert state["model"]["bank._extra_state"]["num_pushed"] == 64 and "knn_top1_k1" in state["baseline_knn"]
 
 
-def test_bank_larger_than_the_dataset_is_a_config_error(tmp_path: Path) -> None:
-    store = DirStore(tmp_path / "store")
-    ctx, _ = _context(tmp_path, "c", store, SPEC | {"limit_train": 64, "bank_size": 128})
+def test_bank_larger_than_the_dataset_is_a_config_error(job_context: Any) -> None:
+    ctx, _, _ = job_context("c", "ssl-train", SPEC | {"limit_train": 64, "bank_size": 128})
     with pytest.raises(JobConfigError, match="bank_size=128 exceeds the 64 training images"):
         run(ctx)
 
