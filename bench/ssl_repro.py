@@ -106,8 +106,7 @@ def main() -> None:
     checkpoints: dict[str, dict[str, Any]] = {}
     for name, method, extra in (("BYOL (MSF k=1)", "byol", {}), ("MSF (k=5)", "msf", {"topk": 5}),
                                 ("CMSF-supervised (k=5)", "cmsf", {"topk": 5, "cmsf": {"constraint": "supervised"}}),
-                                ("ISD (plus recipe)", "isd", {"isd": {"recipe": "plus"}, "lr": args.lr,
-                                                              "augmentation": args.augmentation})):
+                                ("ISD (plus recipe)", "isd", {"isd": {"recipe": "plus"}})):
         spec = parse_spec(ssl_spec(method, args, **extra))
         ctx = LocalContext(spec)
         t0 = time.perf_counter()
