@@ -38,6 +38,24 @@ def free_port(*, grpc_offset: bool = False) -> int:
     raise RuntimeError("no free port found on 127.0.0.1")
 
 
+def weed_ports(s3_port: int, names: tuple[str, ...] = ("master", "volume", "filer", "admin")) -> dict[str, int]:
+    """Free ports for ``weed mini``'s other servers. SeaweedFS derives each server's gRPC port as port + 10000
+    and refuses to start when one server's port equals another's derived gRPC port, so random free ports
+    must also avoid each other's +10000 (a rare collision that made start-up fail at random)."""
+    taken = {s3_port, s3_port + 10000}
+    ports: dict[str, int] = {}
+    for name in names:
+        for _ in range(200):
+            port = free_port(grpc_offset=True)
+            if not {port, port + 10000} & taken:
+                break
+        else:
+            raise RuntimeError("no free port pair (port, port + 10000) found on 127.0.0.1")
+        ports[name] = port
+        taken |= {port, port + 10000}
+    return ports
+
+
 def find_binary(name: str) -> str | None:
     """A console binary installed beside this interpreter (the venv's bin) or on PATH."""
     beside = Path(sys.executable).parent / name
@@ -71,9 +89,9 @@ def start_weed(*, data_dir: Path, s3_port: int, access_key: str, secret_key: str
         raise RuntimeError(f"port {s3_port} is taken; set CRUCIBLE_S3_ENDPOINT=127.0.0.1:<free port>")
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    ports = weed_ports(s3_port)
     cmd = [weed, "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-s3.port={s3_port}",
-           f"-master.port={free_port(grpc_offset=True)}", f"-volume.port={free_port(grpc_offset=True)}",
-           f"-filer.port={free_port(grpc_offset=True)}", f"-admin.port={free_port(grpc_offset=True)}",
+           *(f"-{name}.port={port}" for name, port in ports.items()),
            "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
            "-master.telemetry=false", "-master.volumeSizeLimitMB=256", f"-bucket={bucket}"]
     env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
