@@ -28,15 +28,6 @@ def _watch_parent(parent: int) -> None:
             os._exit(EXIT_PREEMPTED)
 
 
-def _configure_threads() -> None:
-    n = int(os.environ.get("CRUCIBLE_WORKER_TORCH_THREADS", "0") or 0)
-    if n > 0:
-        import torch
-
-        # a per-job budget: torchrun's LOCAL_WORLD_SIZE processes on this machine share it
-        torch.set_num_threads(max(1, n // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))))
-
-
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m workers.runtime.child WORKDIR", file=sys.stderr)
@@ -44,7 +35,6 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
     ctx = JobContext(Path(argv[1]))
     ctx.install_signal_handlers()
-    _configure_threads()
     module_name, _, func_name = ENTRY_POINTS[ctx.kind].partition(":")
     run = getattr(importlib.import_module(module_name), func_name)
     code = _run(run, ctx)
