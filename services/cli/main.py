@@ -339,7 +339,7 @@ def down() -> None:
 
 @app.command()
 @friendly
-def demo(epochs: int = 6, keep_running: bool = False) -> None:
+def demo(epochs: int = 8, keep_running: bool = False) -> None:
     """Start the embedded stack, train MSF on builtin://shapes over the REST API and report k-NN accuracy."""
     from services.embedded import run_demo
 
