@@ -39,7 +39,7 @@ lint: install
 bench: install  ## platform overhead + control-plane throughput (needs the test servers; see bench/README.md)
 	$(PY) -m bench.run_all
 
-bench-ssl: install  ## the SSL reproduction table (random init, BYOL, MSF, CMSF, ISD, SimReg; ~40 min on 2 cores)
+bench-ssl: install  ## the SSL reproduction table (random init, BYOL, MSF, CMSF, ISD, SimReg; 16-40 min on 2 cores)
 	$(PY) -m bench.ssl_repro
 
 clean:

@@ -8,7 +8,7 @@ linear probe (L2-normalise → standardise → linear) on frozen backbone featur
 Expected from the papers: MSF > BYOL > random init; CMSF-supervised > MSF; SimReg with MLP head >= without.
 The table says which of these held at this scale - the numbers are printed as measured, not tuned to agree.
 
-    python -m bench.ssl_repro [--epochs 6] [--limit-train 5000] [--quick]
+    python -m bench.ssl_repro [--epochs 8] [--limit-train 5000] [--quick]
 """
 
 from __future__ import annotations
@@ -68,12 +68,12 @@ def main() -> None:
     ap.add_argument("--dataset", default="builtin://shapes")
     ap.add_argument("--limit-train", type=int, default=5000)
     ap.add_argument("--limit-test", type=int, default=1000)
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--bank-size", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=0.00625)
     ap.add_argument("--weight-decay", type=float, default=5e-4)
-    ap.add_argument("--augmentation", default="strong/strong")
+    ap.add_argument("--augmentation", default="weak/strong", help="target/online views (MSF w/s)")
     ap.add_argument("--color-jitter", type=float, nargs=4, default=[0.4, 0.4, 0.4, 0.5])
     ap.add_argument("--probe-epochs", type=int, default=40)
     ap.add_argument("--seed", type=int, default=0)
