@@ -115,6 +115,8 @@ def _kill_mid_job_and_resume(platform: Any, worker: Any, job_id: str) -> tuple[d
     assert done["attempt"] == 2 and done["infra_failures"] == 1
     (resume,) = platform.events(job_id, types=["resume"])
     assert resume["attempt"] == 2 and resume["data"]["epoch"] >= first["data"]["epoch"]
+    resumed_from = next(c for c in _checkpoints(platform, job_id) if c["id"] == resume["data"]["artifact_id"])
+    assert not resumed_from["meta"].get("final"), "the job finished before the kill; make the test job longer"
     progress2 = [e for e in platform.events(job_id, types=["progress"]) if e["attempt"] == 2]
     assert progress2 and progress2[0]["data"]["done"] > 0  # attempt 2 did not start from step 0
     first_of_attempt2 = next(c for c in _checkpoints(platform, job_id) if c["attempt"] == 2)
@@ -129,10 +131,12 @@ def test_sigkilled_worker_resumes_distill_and_eval_jobs_from_their_checkpoints(p
     done, worker = _kill_mid_job_and_resume(platform, worker, job["id"])
     assert {"knn_top1_k20", "baseline_knn_top1_k20", "teacher0_knn_top1_k20"} <= set(done["result"])
 
-    # Eval: the reference's 40-epoch probe with augmentation (4 steps per epoch) - long enough to be killed midway.
+    # Eval: the reference's 40-epoch probe with augmentation, 32 steps per epoch: long enough that the ~1 s between
+    # the first checkpoint and the kill is a few epochs, even on a fast CPU (at 4 steps per epoch a fast machine
+    # finished all 40 epochs in that second, and attempt 2 had nothing left to resume).
     ev = platform.submit({"kind": "eval", "experiment": "e2e-distill", "checkpoint": f"job:{job['id']}",
-                          "dataset": "builtin://shapes", "limit_train": 256, "limit_test": 200,
-                          "protocols": ["linear"], "linear": {"epochs": 40, "batch_size": 64},
+                          "dataset": "builtin://shapes", "limit_train": 1024, "limit_test": 200,
+                          "protocols": ["linear"], "linear": {"epochs": 40, "batch_size": 32},
                           "name": "e2e-kill-eval"})
     done_ev, _ = _kill_mid_job_and_resume(platform, worker, ev["id"])
     assert {"linear_top1", "linear_top1_best"} <= set(done_ev["result"])
