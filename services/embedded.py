@@ -160,7 +160,8 @@ def knn_report(result: dict[str, float], *, epochs: int) -> list[str]:
     lines = ["k-NN top-1 accuracy on builtin://shapes (test split, backbone features):"]
     for key in knn:
         base = result.get(f"baseline_{key}")
-        shown = f"{base:.3f}  ({result[key] / base:.2f}x random init)" if base else "n/a"
+        ratio = f"  ({result[key] / base:.2f}x random init)" if base else ""
+        shown = "n/a" if base is None else f"{base:.3f}{ratio}"
         lines.append(f"  {key:28} MSF {result[key]:.3f}   random init {shown}")
     behind = [k for k in knn if result[k] <= result.get(f"baseline_{k}", float("inf"))]
     if behind:
