@@ -115,11 +115,12 @@ def _kill_mid_job_and_resume(platform: Any, worker: Any, job_id: str) -> tuple[d
     assert done["attempt"] == 2 and done["infra_failures"] == 1
     (resume,) = platform.events(job_id, types=["resume"])
     assert resume["attempt"] == 2 and resume["data"]["epoch"] >= first["data"]["epoch"]
-    resumed_from = next(c for c in _checkpoints(platform, job_id) if c["id"] == resume["data"]["artifact_id"])
+    checkpoints = _checkpoints(platform, job_id)
+    resumed_from = next(c for c in checkpoints if c["id"] == resume["data"]["artifact_id"])
     assert not resumed_from["meta"].get("final"), "the job finished before the kill; make the test job longer"
     progress2 = [e for e in platform.events(job_id, types=["progress"]) if e["attempt"] == 2]
     assert progress2 and progress2[0]["data"]["done"] > 0  # attempt 2 did not start from step 0
-    first_of_attempt2 = next(c for c in _checkpoints(platform, job_id) if c["attempt"] == 2)
+    first_of_attempt2 = next(c for c in checkpoints if c["attempt"] == 2)
     assert resume["data"]["artifact_id"] in first_of_attempt2["parents"]
     return done, fresh
 
