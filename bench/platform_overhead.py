@@ -53,7 +53,7 @@ def main() -> None:
     args = ap.parse_args()
     spec = spec_for(args)
     with real_stack():
-        from workers.vision.device import configure_threads
+        from workers.common.device import configure_threads
 
         configure_threads()
         direct_s, data_s = run_direct(spec)

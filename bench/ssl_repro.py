@@ -85,10 +85,10 @@ def main() -> None:
 
     from shared.data import load_dataset
     from shared.specs import parse_spec
+    from workers.common.device import configure_threads
     from workers.distiller.train import train as distill
+    from workers.runtime.local import LocalContext
     from workers.ssl_trainer.train import train as ssl_train
-    from workers.vision.device import configure_threads
-    from workers.vision.local import LocalContext
 
     configure_threads()
     data = load_dataset({"uri": args.dataset}, image_size=32, limit_train=args.limit_train,

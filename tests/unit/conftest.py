@@ -25,8 +25,8 @@ def tiny_dataset() -> Any:
 def msf_checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Any) -> list[Path]:
     """Checkpoints of a 2-epoch MSF run made by ssl-train's ``train()``: ``[epoch 1, final (epoch 2)]``."""
     from shared.specs import SslTrainSpec
+    from workers.runtime.local import LocalContext
     from workers.ssl_trainer.train import train
-    from workers.vision.local import LocalContext
 
     torch.set_num_threads(1)
     spec = SslTrainSpec.model_validate({"kind": "ssl-train", "method": "msf", **TINY, "bank_size": 64, "epochs": 2,

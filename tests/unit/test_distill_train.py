@@ -12,8 +12,8 @@ from shared.specs import DistillSpec
 from tests.unit.conftest import TINY
 from workers.distiller.train import run, train
 from workers.runtime.context import JobConfigError
+from workers.runtime.local import LocalContext
 from workers.vision.checkpoints import load_encoder
-from workers.vision.local import LocalContext
 
 torch.set_num_threads(1)
 

@@ -15,7 +15,7 @@ from torch.testing import assert_close
 from shared.specs import EvalSpec
 from workers.evaluator.linear import LinearProbe, ProbeData, feature_stats, train_probe
 from workers.evaluator.run import labelled_subset, run
-from workers.vision.local import LocalContext
+from workers.runtime.local import LocalContext
 
 torch.set_num_threads(1)
 

@@ -35,7 +35,7 @@ def _free_port() -> int:
 
 def _check_global_batchnorm(rank: int, world: int) -> None:
     """GlobalBatchNorm on each rank's half == BatchNorm2d on the whole batch (outputs, grads, running stats)."""
-    from workers.vision.distributed import convert_sync_batchnorm
+    from workers.common.distributed import convert_sync_batchnorm
 
     g = torch.Generator().manual_seed(0)
     x_full, w_full = torch.randn(8, 4, 3, 3, generator=g), torch.randn(8, 4, 3, 3, generator=g)
@@ -72,8 +72,8 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
     torch.set_num_threads(1)
     from shared.data import load_dataset
     from shared.specs import SslTrainSpec
+    from workers.runtime.local import LocalContext
     from workers.ssl_trainer.train import Trainer
-    from workers.vision.local import LocalContext
 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:

@@ -11,8 +11,8 @@ import torch
 from shared.data import load_dataset
 from shared.specs import SslTrainSpec
 from workers.runtime.context import JobConfigError
+from workers.runtime.local import LocalContext
 from workers.ssl_trainer.train import Trainer, train
-from workers.vision.local import LocalContext
 
 torch.set_num_threads(1)
 

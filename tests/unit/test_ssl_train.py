@@ -10,8 +10,8 @@ import torch
 from shared.data import load_dataset
 from shared.specs import SslTrainSpec
 from workers.runtime.context import JobConfigError, Preempted
+from workers.runtime.local import LocalContext
 from workers.ssl_trainer.train import run, train
-from workers.vision.local import LocalContext
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,8 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch.testing import assert_close
 
-from workers.vision import device as dev
+from workers.common import device as dev
+from workers.common.schedule import lr_at_epoch
 from workers.vision.augment import (
     ViewTransform,
     _adjust_hue,
@@ -19,7 +20,6 @@ from workers.vision.augment import (
 )
 from workers.vision.data import TwoViewDataset, train_loader
 from workers.vision.knn import knn_accuracy, majority_vote
-from workers.vision.schedule import lr_at_epoch
 
 torch.set_num_threads(1)
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)

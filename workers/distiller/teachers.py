@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from workers.common import device as dev
 from workers.runtime.context import JobConfigError
-from workers.vision import device as dev
 from workers.vision.checkpoints import Features, FrozenEncoder, load_encoder
 
 TeacherSource = str | Path | Mapping[str, Any]

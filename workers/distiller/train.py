@@ -34,27 +34,20 @@ from torch import nn
 
 from shared.data import ImageDataset
 from shared.specs import DistillSpec
+from workers.common import device as dev
+from workers.common.guards import check_finite, check_resumable, fmt_metrics
+from workers.common.schedule import lr_at_epoch, set_lr
+from workers.common.seeding import rng_state, seed_everything, set_rng_state
 from workers.distiller.compress import CompRess
 from workers.distiller.simreg import SimReg
 from workers.distiller.teachers import InputNorm, Teacher, TeacherSource, load_teachers, teacher_sources
 from workers.runtime.context import JobConfigError
-from workers.vision import device as dev
+from workers.runtime.local import LocalContext
 from workers.vision.augment import EvalTransform, ViewTransform
 from workers.vision.backbones import create_backbone
 from workers.vision.checkpoints import model_payload
-from workers.vision.data import EvalDataset, OneViewDataset, train_loader
+from workers.vision.data import EvalDataset, OneViewDataset, load_job_dataset, train_loader
 from workers.vision.knn import evaluate_knn
-from workers.vision.local import LocalContext
-from workers.vision.schedule import lr_at_epoch, set_lr
-from workers.vision.training import (
-    check_finite,
-    check_resumable,
-    fmt_metrics,
-    load_job_dataset,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
 
 LOG_EVERY = 10  # steps between metric events (each costs a device sync)
 # RandomResizedCrop scale of the shared weak view: SimReg's weak augmentation (0.2-1, ssl.md 5.2) and

@@ -28,10 +28,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, get_worker_info
 
 from shared.specs.eval import LinearProbeOptions
-from workers.vision import device as dev
+from workers.common import device as dev
+from workers.common.guards import check_finite
+from workers.common.schedule import lr_at_epoch, set_lr
+from workers.common.seeding import rng_state, set_rng_state
 from workers.vision.data import OneViewDataset, collated, epoch_seed
-from workers.vision.schedule import lr_at_epoch, set_lr
-from workers.vision.training import check_finite, rng_state, set_rng_state
 
 STANDARDIZE_EPS = 1e-5
 LR_DECAY = 0.1  # MultiStepLR gamma of the reference probe

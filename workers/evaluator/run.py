@@ -31,15 +31,15 @@ import torch
 
 from shared.data import ImageDataset
 from shared.specs import EvalSpec
+from workers.common import device as dev
+from workers.common.guards import check_resumable, fmt_metrics
 from workers.evaluator.linear import ProbeData, train_probe
 from workers.runtime.context import JobConfigError
-from workers.vision import device as dev
+from workers.runtime.local import LocalContext
 from workers.vision.augment import EvalTransform, ViewTransform
 from workers.vision.checkpoints import load_encoder, model_meta, read_checkpoint
-from workers.vision.data import EvalDataset, OneViewDataset
+from workers.vision.data import EvalDataset, OneViewDataset, load_job_dataset
 from workers.vision.knn import extract_features, knn_accuracy
-from workers.vision.local import LocalContext
-from workers.vision.training import check_resumable, fmt_metrics, load_job_dataset
 
 PROBE_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, as the reference probe uses
 

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workers.common.distributed import Comm, convert_sync_batchnorm
 from workers.vision.bank import MemoryBank
-from workers.vision.distributed import Comm, convert_sync_batchnorm
 from workers.vision.ema import ema_update, make_target
 from workers.vision.heads import Encoder
 

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from workers.common.distributed import Comm
 from workers.ssl_trainer.base import MethodSetup, StepOutput
 from workers.ssl_trainer.constraints import (
     Constraint,
@@ -42,7 +43,6 @@ from workers.ssl_trainer.constraints import (
 )
 from workers.ssl_trainer.msf import MSF, msf_loss, purity
 from workers.ssl_trainer.pseudo_labels import SemiSupervisedConstraint
-from workers.vision.distributed import Comm
 from workers.vision.heads import head_dims
 
 CROSS_MODAL_INPUT = "cmsf.cross_modal_checkpoint"

@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workers.common.distributed import Comm
 from workers.runtime.context import JobConfigError
 from workers.ssl_trainer.base import Pushed
 from workers.vision.augment import EvalTransform
 from workers.vision.backbones import create_backbone, load_backbone
 from workers.vision.bank import MemoryBank, chunked_topk
 from workers.vision.data import to_chw_tensor
-from workers.vision.distributed import Comm
 from workers.vision.heads import MLPHead
 
 

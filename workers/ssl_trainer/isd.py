@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workers.common.distributed import Comm
 from workers.ssl_trainer.base import BankMethod, MethodSetup, StepOutput
 from workers.ssl_trainer.msf import purity
-from workers.vision.distributed import Comm
 from workers.vision.heads import MLPHead, head_dims
 
 PURITY_ANCHORS = 5

@@ -17,7 +17,7 @@ Per step (ssl.md 2.2), with ``u`` the target embedding and ``q`` the online pred
 Shuffle-BN: the reference permutes the target batch to change which samples share a BatchNorm group
 across DataParallel GPUs. On one device the whole batch is one BN group, so a permutation changes
 nothing; it is not implemented. Under DDP (``resources.gpus > 1``) BatchNorm is synchronised across the
-processes instead (``workers.vision.distributed``) and the bank is written with the all-gathered global
+processes instead (``workers.common.distributed``) and the bank is written with the all-gathered global
 batch, so a multi-process run computes what one process with the global batch would.
 """
 
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workers.common.distributed import Comm
 from workers.ssl_trainer.base import BankMethod, MethodSetup, StepOutput
-from workers.vision.distributed import Comm
 from workers.vision.heads import MLPHead, head_dims
 
 __all__ = ["MSF", "StepOutput", "msf_loss", "purity", "spread"]

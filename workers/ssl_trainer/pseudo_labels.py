@@ -30,10 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workers.common.distributed import Comm
 from workers.ssl_trainer.base import Pushed
 from workers.ssl_trainer.constraints import Constraint, Neighbours, label_neighbours
 from workers.vision.bank import MemoryBank
-from workers.vision.distributed import Comm
 from workers.vision.heads import MLPHead
 
 HEAD_LR, HEAD_MOMENTUM, HEAD_WD, HEAD_BATCH = 0.01, 0.9, 1e-4, 256

@@ -45,28 +45,21 @@ from torch import Tensor
 
 from shared.data import ImageDataset
 from shared.specs import SslTrainSpec
+from workers.common import device as dev
+from workers.common import distributed
+from workers.common.guards import check_finite, check_resumable, fmt_metrics
+from workers.common.schedule import lr_at_epoch, set_lr
+from workers.common.seeding import rng_state, seed_everything, set_rng_state
 from workers.runtime.context import JobConfigError
+from workers.runtime.local import LocalContext
 from workers.ssl_trainer.base import MethodSetup
 from workers.ssl_trainer.methods import build_method
 from workers.ssl_trainer.msf import spread
 from workers.ssl_trainer.state import export_part
-from workers.vision import device as dev
-from workers.vision import distributed
 from workers.vision.augment import EvalTransform, build_view_transforms
 from workers.vision.backbones import create_backbone
-from workers.vision.data import EvalDataset, TwoViewDataset, train_loader
+from workers.vision.data import EvalDataset, TwoViewDataset, load_job_dataset, train_loader
 from workers.vision.knn import evaluate_knn
-from workers.vision.local import LocalContext
-from workers.vision.schedule import lr_at_epoch, set_lr
-from workers.vision.training import (
-    check_finite,
-    check_resumable,
-    fmt_metrics,
-    load_job_dataset,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
 
 LOG_EVERY = 10  # steps between metric events (each costs a device sync for .item())
 

@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
+from shared.data import DatasetError, ImageDataset, load_dataset
+from workers.runtime.context import JobConfigError
 from workers.vision.augment import EvalTransform, ViewTransform
 
 
@@ -155,3 +157,18 @@ def eval_loader(dataset: EvalDataset, batch_size: int = 512, *, num_workers: int
     """In-order loader over every image (no drop_last: features for all of them)."""
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
                       collate_fn=collated, pin_memory=pin_memory)
+
+
+def load_job_dataset(ctx: Any, *, image_size: int) -> ImageDataset:
+    """The job's dataset (the platform-resolved ``ctx.inputs["dataset"]``, else ``spec.dataset``) at
+    ``image_size`` with the spec's train/test limits; logs its size. A dataset that does not load is the
+    user's config, not a crash: ``JobConfigError``."""
+    spec = ctx.spec
+    ref = ctx.inputs.get("dataset") or {"uri": spec.dataset}
+    try:
+        dataset = load_dataset(ref, image_size=image_size, limit_train=spec.limit_train, limit_test=spec.limit_test)
+    except DatasetError as exc:
+        raise JobConfigError(str(exc)) from exc
+    ctx.log(f"dataset {dataset.name}: {len(dataset.train_images)} train / {len(dataset.test_images)} test "
+            f"images, {dataset.num_classes} classes, {dataset.image_size}px")
+    return dataset

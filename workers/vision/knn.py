@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.common.device import autocast
 from workers.vision.data import EvalDataset, eval_loader
-from workers.vision.device import autocast
 
 WEIGHTED_K = 200
 WEIGHTED_T = 0.1
