@@ -1,8 +1,9 @@
 """The Celery app: explicit queues (one per worker kind), no auto-created queues, no results.
 
-Only the dispatcher publishes (``send_task`` by name, so the control plane never imports worker code);
-only ``crucible worker`` consumes. Messages carry ``(job_id, attempt)`` and nothing else: Postgres holds
-the job's truth, so a lost or duplicated message is harmless (see shared/lifecycle.py).
+The queues are derived from the kind registry (``shared.kinds``). Only the dispatcher publishes (``send_task``
+by name, so the control plane never imports worker code); only ``crucible worker`` consumes. Messages carry
+``(job_id, attempt)`` and nothing else: Postgres holds the job's truth, so a lost or duplicated message is
+harmless (see shared/lifecycle.py).
 """
 
 from __future__ import annotations
@@ -11,10 +12,15 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from shared.config import Settings, get_settings
-from shared.kinds import WORKER_KINDS, queue_for
+from shared.kinds import queue_for, worker_kinds
 
 RUN_JOB_TASK = "crucible.run_job"
 _exchange = Exchange("crucible", type="direct")
+
+
+def declared_queues() -> list[Queue]:
+    """One queue per registered worker kind (shared.kinds), bound to the direct exchange by its own name."""
+    return [Queue(w.queue, _exchange, routing_key=w.queue) for w in worker_kinds()]
 
 
 def make_celery(settings: Settings | None = None) -> Celery:
@@ -26,7 +32,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
         kombu_sqla.Transport.polling_interval = 0.2
     app = Celery("crucible", broker=s.BROKER_URL, set_as_current=False)
-    queues = [Queue(queue_for(k), _exchange, routing_key=queue_for(k)) for k in WORKER_KINDS]
+    queues = declared_queues()
     app.conf.update(
         task_queues=queues,
         task_default_queue=queue_for("ssl-trainer"),

@@ -1,14 +1,23 @@
-"""The job state machine: every transition of a job row happens through these functions.
+"""The job state machine: every change of a job's status happens through these functions.
 
-Each transition is a guarded UPDATE (``WHERE id = … AND attempt = … AND status = …``), so a stale worker, a
-duplicate broker delivery or a racing reconciler changes nothing: "the broker delivers, Postgres decides".
+``TRANSITIONS`` is the allowed-transition table; a change it does not allow raises ``IllegalTransition`` (a
+bug in the caller, never user input). Each transition of a running job is a guarded UPDATE
+(``WHERE id = … AND attempt = … AND status = …``), so a stale worker, a duplicate broker delivery or a racing
+reconciler changes nothing: "the broker delivers, Postgres decides".
+
+pending -> queued (dependencies met) -> dispatched (on the broker) -> running (claimed) -> succeeded / failed /
+cancelled; running -> queued is a retry (attempt + 1), dispatched -> queued a re-publish of a lost message,
+queued -> running a claim that overtook the dispatcher's bookkeeping; pending, queued and dispatched jobs can be
+cancelled, and a pending one fails when a dependency does.
 """
 
 from __future__ import annotations
 
+import enum
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, select, update
@@ -19,6 +28,39 @@ from shared.models import Job, JobEvent, JobStatus, Outbox, utcnow
 
 MAX_EVENT_TEXT = 4000
 
+_S = JobStatus
+TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
+    _S.PENDING: frozenset({_S.QUEUED, _S.FAILED, _S.CANCELLED}),
+    _S.QUEUED: frozenset({_S.DISPATCHED, _S.RUNNING, _S.CANCELLED}),
+    _S.DISPATCHED: frozenset({_S.RUNNING, _S.QUEUED, _S.CANCELLED}),
+    _S.RUNNING: frozenset({_S.SUCCEEDED, _S.FAILED, _S.CANCELLED, _S.QUEUED}),
+    _S.SUCCEEDED: frozenset(),
+    _S.FAILED: frozenset(),
+    _S.CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(RuntimeError):
+    """A status change the state machine does not allow: a bug in the caller, not bad input."""
+
+
+def can_transition(src: JobStatus, dst: JobStatus) -> bool:
+    return dst in TRANSITIONS[src]
+
+
+def sources_of(dst: JobStatus) -> list[JobStatus]:
+    """Every status a job may be in to move to ``dst`` (for guarded UPDATEs)."""
+    return [src for src, dsts in TRANSITIONS.items() if dst in dsts]
+
+
+def _transition(job: Job, dst: JobStatus) -> None:
+    src = job.status
+    if not can_transition(src, dst):
+        allowed = ", ".join(sorted(TRANSITIONS[src])) or "nothing (terminal)"
+        raise IllegalTransition(f"job {job.id}: {src.value} -> {dst.value} is not allowed; from {src.value}: "
+                                f"{allowed}")
+    job.status = dst
+
 
 def add_event(session: Session, job_id: uuid.UUID, attempt: int, type_: str, **data: Any) -> None:
     if isinstance(data.get("line"), str) and len(data["line"]) > MAX_EVENT_TEXT:
@@ -28,12 +70,19 @@ def add_event(session: Session, job_id: uuid.UUID, attempt: int, type_: str, **d
 
 def enqueue(session: Session, job: Job, *, reason: str) -> None:
     """Make ``job`` runnable: status queued plus an outbox row, in the caller's transaction."""
-    job.status = JobStatus.QUEUED
+    _transition(job, JobStatus.QUEUED)
     job.queued_at = utcnow()
     job.worker_id = None
     job.lease_expires_at = None
     session.add(Outbox(job_id=job.id, attempt=job.attempt, queue=queue_for(job.worker_kind), priority=job.priority))
     add_event(session, job.id, job.attempt, "state", status=JobStatus.QUEUED.value, reason=reason)
+
+
+def dispatch(session: Session, job: Job, *, queue: str, at: datetime | None = None) -> None:
+    """The job's message is on the broker (``queue``): queued -> dispatched, in the caller's transaction."""
+    _transition(job, JobStatus.DISPATCHED)
+    job.dispatched_at = at or utcnow()
+    add_event(session, job.id, job.attempt, "state", status=JobStatus.DISPATCHED.value, queue=queue)
 
 
 def claim(session: Session, *, job_id: uuid.UUID, attempt: int, worker_id: str, lease_s: float) -> Job | None:
@@ -42,12 +91,12 @@ def claim(session: Session, *, job_id: uuid.UUID, attempt: int, worker_id: str, 
     res = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.attempt == attempt, Job.cancel_requested.is_(False),
-               Job.status.in_([JobStatus.QUEUED, JobStatus.DISPATCHED]))
+               Job.status.in_(sources_of(JobStatus.RUNNING)))
         .values(status=JobStatus.RUNNING, worker_id=worker_id, lease_expires_at=now + timedelta(seconds=lease_s),
                 started_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
     )
-    if res.rowcount != 1:  # type: ignore[attr-defined]
+    if res.rowcount != 1:
         return None
     add_event(session, job_id, attempt, "state", status=JobStatus.RUNNING.value, worker=worker_id)
     return session.get(Job, job_id, populate_existing=True)
@@ -78,18 +127,35 @@ def renew_lease(session: Session, *, job_id: uuid.UUID, attempt: int, worker_id:
     return LeaseState(held=True, cancel_requested=bool(res[0]))
 
 
-# Outcomes a supervisor reports when its attempt ends.
+class Outcome(enum.StrEnum):
+    """How an attempt ended, as its supervisor (or the reconciler) reports it to ``finish_attempt``."""
+
+    SUCCEEDED = "succeeded"
+    CANCELLED = "cancelled"
+    PREEMPTED = "preempted"  # retried on the infrastructure budget, resuming from the latest checkpoint
+    USER_ERROR = "user_error"  # the method failed: retried on the user-error budget
+    CONFIG_ERROR = "config_error"  # the job cannot run as specified: failed at once, never retried
+    INFRA_ERROR = "infra_error"  # worker lost, killed, storage down: retried on the infrastructure budget
+
+
+# Module-level names kept for callers that predate the enum (they compare equal to the strings).
 SUCCEEDED, CANCELLED, PREEMPTED, USER_ERROR, CONFIG_ERROR, INFRA_ERROR = (
-    "succeeded", "cancelled", "preempted", "user_error", "config_error", "infra_error")
+    Outcome.SUCCEEDED, Outcome.CANCELLED, Outcome.PREEMPTED, Outcome.USER_ERROR, Outcome.CONFIG_ERROR,
+    Outcome.INFRA_ERROR)
 
 
-def finish_attempt(session: Session, *, job_id: uuid.UUID, attempt: int, worker_id: str | None, outcome: str,
-                   reason: str | None = None, result: dict[str, Any] | None = None) -> JobStatus | None:
+def finish_attempt(session: Session, *, job_id: uuid.UUID, attempt: int, worker_id: str | None,
+                   outcome: Outcome | str, reason: str | None = None,
+                   result: dict[str, Any] | None = None) -> JobStatus | None:
     """End an attempt. Retryable outcomes consume their budget and re-queue as attempt + 1.
 
     Returns the job's new status, or None when the attempt was no longer current (nothing changed).
-    ``worker_id=None`` is the reconciler acting on an expired lease.
+    ``worker_id=None`` is the reconciler acting on an expired lease. An unknown outcome is a ValueError.
     """
+    try:
+        outcome = Outcome(outcome)
+    except ValueError:
+        raise ValueError(f"unknown outcome {outcome!r}; one of: {', '.join(Outcome)}") from None
     conds = [Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING]
     if worker_id is not None:
         conds.append(Job.worker_id == worker_id)
@@ -99,14 +165,14 @@ def finish_attempt(session: Session, *, job_id: uuid.UUID, attempt: int, worker_
     now = utcnow()
     if result:
         job.result = {**(job.result or {}), **result}
-    if job.cancel_requested and outcome != SUCCEEDED:
+    if job.cancel_requested and outcome != Outcome.SUCCEEDED:
         # A cancel wins over any retry: the user asked for this job to stop.
         terminate(session, job, JobStatus.CANCELLED, "cancelled on request")
-    elif outcome == SUCCEEDED:
+    elif outcome == Outcome.SUCCEEDED:
         terminate(session, job, JobStatus.SUCCEEDED, reason)
-    elif outcome == CANCELLED:
+    elif outcome == Outcome.CANCELLED:
         terminate(session, job, JobStatus.CANCELLED, reason or "cancelled")
-    elif outcome in (PREEMPTED, INFRA_ERROR):
+    elif outcome in (Outcome.PREEMPTED, Outcome.INFRA_ERROR):
         job.infra_failures += 1
         if job.infra_failures <= job.max_infra_retries:
             _retry(session, job, f"{reason or outcome}; retry {job.infra_failures}/{job.max_infra_retries} "
@@ -114,23 +180,24 @@ def finish_attempt(session: Session, *, job_id: uuid.UUID, attempt: int, worker_
         else:
             terminate(session, job, JobStatus.FAILED,
                       f"{reason or outcome}; infrastructure retry budget ({job.max_infra_retries}) exhausted")
-    elif outcome == USER_ERROR:
+    elif outcome == Outcome.USER_ERROR:
         job.user_failures += 1
         if job.user_failures <= job.max_user_retries:
             _retry(session, job, f"{reason or outcome}; retry {job.user_failures}/{job.max_user_retries} "
                                  "(user-error budget)")
         else:
             terminate(session, job, JobStatus.FAILED, reason or "the method failed")
-    elif outcome == CONFIG_ERROR:
+    else:  # Outcome.CONFIG_ERROR
         terminate(session, job, JobStatus.FAILED, reason or "the job cannot run as specified")
-    else:
-        raise ValueError(f"unknown outcome {outcome!r}")
     job.updated_at = now
     return job.status
 
 
 def terminate(session: Session, job: Job, status: JobStatus, reason: str | None) -> None:
-    job.status = status
+    """End the job: succeeded, failed or cancelled (from any status the table allows)."""
+    if not status.terminal:
+        raise IllegalTransition(f"terminate() takes a terminal status, not {status.value}")
+    _transition(job, status)
     job.status_reason = reason
     job.finished_at = utcnow()
     job.lease_expires_at = None

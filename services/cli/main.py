@@ -228,15 +228,16 @@ def cancel(job_id: str) -> None:
 @app.command()
 @friendly
 def schema(kind: Annotated[str | None, typer.Argument(help="job kind; omit to list kinds")] = None) -> None:
-    """Print a job kind's JSON schema (the same one the API validates against)."""
-    from shared.specs import SPEC_MODELS
+    """Print a job kind's JSON schema (the same one the API validates against); without a kind, list the kinds."""
+    from shared.kinds import job_kind, job_kinds
 
     if kind is None:
-        typer.echo("\n".join(SPEC_MODELS))
+        rows = [(k.name, k.worker_kind, k.mode, k.summary) for k in job_kinds()]
+        widths = [max(len(r[i]) for r in [("kind", "worker", "mode", ""), *rows]) for i in range(3)]
+        for row in [("kind", "worker", "mode", "summary"), *rows]:
+            typer.echo("  ".join(c.ljust(w) for c, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
         return
-    if kind not in SPEC_MODELS:
-        raise ValueError(f"unknown kind {kind!r}; known: {', '.join(SPEC_MODELS)}")
-    typer.echo(json.dumps(SPEC_MODELS[kind].model_json_schema(), indent=2))
+    typer.echo(json.dumps(job_kind(kind).spec_model().model_json_schema(), indent=2))  # UnknownKind: a message
 
 
 def _render_event(ev: dict[str, Any]) -> str:

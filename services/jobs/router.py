@@ -13,10 +13,9 @@ from fastapi.responses import StreamingResponse
 from services.api.deps import ProjectDep, SessionDep
 from services.jobs import service
 from services.jobs.examples import SUBMIT_EXAMPLES
-from services.jobs.schemas import EventRead, JobRead, JobsPage
+from services.jobs.schemas import EventRead, JobRead, JobsPage, JobSubmit
 from shared.db import session_scope
 from shared.models import JobStatus
-from shared.specs import JobSpec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -33,7 +32,7 @@ def _read(session: SessionDep, job: object) -> JobRead:
                         409: {"description": "Idempotency-Key reused with another spec, or a parent already failed"},
                         422: {"description": "Invalid spec: `detail[].loc` names the field, `msg` the reason"}})
 def submit_job(
-    spec: Annotated[JobSpec, Body(openapi_examples=SUBMIT_EXAMPLES)],
+    spec: Annotated[JobSubmit, Body(openapi_examples=SUBMIT_EXAMPLES)],
     project: ProjectDep, session: SessionDep, response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobRead:

@@ -7,6 +7,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from shared.models import JobStatus
+from shared.specs import JobSpec
+
+# The body of POST /v1/jobs: the discriminated union (on `kind`) over every job kind registered in shared.kinds,
+# derived by shared.specs. An unregistered kind is a 422 naming `kind` and listing the known kinds.
+JobSubmit = JobSpec
 
 
 class JobRead(BaseModel):

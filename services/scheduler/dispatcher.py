@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from shared.celery_app import RUN_JOB_TASK
 from shared.config import Settings
 from shared.kinds import queue_for
-from shared.lifecycle import add_event
+from shared.lifecycle import dispatch
 from shared.models import Job, JobStatus, Outbox, Worker, utcnow
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,7 @@ def dispatch_once(session: Session, celery: Celery, settings: Settings, *, batch
             break
         outbox.published_at = now
         outbox.publish_attempts += 1
-        job.status = JobStatus.DISPATCHED
-        job.dispatched_at = now
-        add_event(session, job.id, job.attempt, "state", status=JobStatus.DISPATCHED.value, queue=outbox.queue)
+        dispatch(session, job, queue=outbox.queue, at=now)
         in_flight[job.worker_kind] += 1
         stats.published += 1
         stats.per_queue[outbox.queue] += 1

@@ -1,33 +1,90 @@
 """Typed job specs: the single source of truth for the API, the CLI, the docs and the workers.
 
-``JobSpec`` is a discriminated union on ``kind``; each kind's model lives in its own module here.
+Each kind's model lives in its own module here; which kinds exist is declared once, in ``shared.kinds``.
+``JobSpec`` (the discriminated union on ``kind``), ``parse_spec`` and ``spec_model`` are derived from that
+registry, so a new kind needs no edit in this file.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from collections.abc import Iterator, Mapping
+from functools import reduce
+from operator import or_
+from typing import TYPE_CHECKING, Annotated, Any, TypeAlias
 
-from pydantic import Field, TypeAdapter
+from pydantic import Field, TypeAdapter, ValidationError
 
+from shared import kinds
+from shared.kinds import UnknownKind
 from shared.specs.common import BUILTIN_DATASETS, JobSpecBase, Resources, Retries
 from shared.specs.distill import DistillSpec
 from shared.specs.eval import EvalSpec
 from shared.specs.ssl_train import SslTrainSpec
 
-# Add new kinds to this union, to SPEC_MODELS and to shared.kinds.
-JobSpec = Annotated[SslTrainSpec | DistillSpec | EvalSpec, Field(discriminator="kind")]
 
-SPEC_MODELS: dict[str, type[JobSpecBase]] = {"ssl-train": SslTrainSpec, "distill": DistillSpec, "eval": EvalSpec}
+def spec_model(kind: str) -> type[JobSpecBase]:
+    """The spec class of a registered job kind; ``UnknownKind`` (naming the known kinds) otherwise."""
+    return kinds.job_kind(kind).spec_model()
 
-_adapter: TypeAdapter[Any] = TypeAdapter(JobSpec)
+
+def spec_union() -> Any:
+    """``Annotated[A | B | …, Field(discriminator="kind")]`` over every registered job kind's spec model."""
+    models = [k.spec_model() for k in kinds.job_kinds()]
+    if not models:
+        raise RuntimeError("no job kinds are registered (shared.kinds)")
+    return Annotated[reduce(or_, models), Field(discriminator="kind")]
+
+
+_adapter: tuple[int, TypeAdapter[Any]] | None = None
+
+
+def _current_adapter() -> TypeAdapter[Any]:
+    global _adapter
+    if _adapter is None or _adapter[0] != kinds.generation():
+        _adapter = (kinds.generation(), TypeAdapter(spec_union()))
+    return _adapter[1]
 
 
 def parse_spec(data: Any) -> JobSpecBase:
-    """Validate a spec dict (from JSON, YAML or the DB) into its kind's model."""
-    return _adapter.validate_python(data)
+    """Validate a spec dict (from JSON, YAML or the DB) into its kind's model.
 
+    A missing or unregistered ``kind`` raises ``UnknownKind`` naming the known kinds; anything else invalid
+    raises pydantic's ``ValidationError`` naming the field.
+    """
+    if isinstance(data, Mapping) and data.get("kind") not in kinds.JOB_KINDS:
+        raise UnknownKind("job kind", data.get("kind"), list(kinds.JOB_KINDS))
+    try:
+        spec: JobSpecBase = _current_adapter().validate_python(data)
+    except ValidationError as e:
+        if any(err["type"] in ("union_tag_invalid", "union_tag_not_found") for err in e.errors()):
+            kind = getattr(data, "kind", None)
+            raise UnknownKind("job kind", kind, list(kinds.JOB_KINDS)) from None
+        raise
+    return spec
+
+
+class _SpecModels(Mapping[str, type[JobSpecBase]]):
+    """Live view: job kind -> spec model, read from the registry."""
+
+    def __getitem__(self, kind: str) -> type[JobSpecBase]:
+        return spec_model(kind)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(tuple(kinds.JOB_KINDS))
+
+    def __len__(self) -> int:
+        return len(kinds.JOB_KINDS)
+
+
+SPEC_MODELS: Mapping[str, type[JobSpecBase]] = _SpecModels()
+
+if TYPE_CHECKING:
+    # Statically every spec is a JobSpecBase; at run time the union below is what pydantic and FastAPI see.
+    JobSpec: TypeAlias = JobSpecBase
+else:
+    JobSpec = spec_union()  # the kinds registered at import (the built-in ones)
 
 __all__ = [
     "BUILTIN_DATASETS", "DistillSpec", "EvalSpec", "JobSpec", "JobSpecBase", "Resources", "Retries",
-    "SPEC_MODELS", "SslTrainSpec", "parse_spec",
+    "SPEC_MODELS", "SslTrainSpec", "UnknownKind", "parse_spec", "spec_model", "spec_union",
 ]
