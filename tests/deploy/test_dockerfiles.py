@@ -33,7 +33,21 @@ def instructions(path: Path) -> list[tuple[str, str]]:
             op, _, args = buf.partition(" ")
             out.append((op.upper(), args.strip()))
             buf = ""
+    # An empty parse would make every rule below pass vacuously.
+    assert any(op == "FROM" for op, _ in out), f"{path}: parsed no FROM instruction (is the parser broken?)"
     return out
+
+
+def test_the_parser_reads_instructions_continuations_and_comments(tmp_path):
+    sample = tmp_path / "Dockerfile"
+    sample.write_text("# syntax=docker/dockerfile:1\nARG BASE=python:3.11.9\nFROM ${BASE} AS build\n\n"
+                      "RUN apt-get update \\\n    # a comment inside a continuation\n    && apt-get install -y git\n"
+                      "copy a b\n")
+    assert instructions(sample) == [("ARG", "BASE=python:3.11.9"), ("FROM", "${BASE} AS build"),
+                                    ("RUN", "apt-get update && apt-get install -y git"), ("COPY", "a b")]
+    for name, path in DOCKERFILES.items():
+        ops = {op for op, _ in instructions(path)}
+        assert {"FROM", "RUN", "COPY", "USER", "HEALTHCHECK", "ENTRYPOINT"} <= ops, f"{name}: parsed only {ops}"
 
 
 def final_stage(instrs: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -89,8 +103,9 @@ def test_control_plane_has_no_torch_and_the_worker_pins_it_like_pyproject():
 
 def test_worker_image_does_not_expose_all_gpus():
     # NVIDIA_VISIBLE_DEVICES=all in an image hands every GPU of a node to a pod that requested none.
-    for op, args in instructions(DOCKERFILES["worker"]):
-        assert not (op == "ENV" and "NVIDIA_VISIBLE_DEVICES" in args)
+    envs = [args for op, args in instructions(DOCKERFILES["worker"]) if op == "ENV"]
+    assert envs, "the worker Dockerfile sets no ENV: the parser or the file changed"
+    assert not [e for e in envs if "NVIDIA_VISIBLE_DEVICES" in e]
 
 
 def test_build_context_holds_what_the_images_copy():
@@ -98,12 +113,15 @@ def test_build_context_holds_what_the_images_copy():
               if ln.strip() and not ln.startswith("#")]
     assert ignore[0] == "**", ".dockerignore is an allow-list: it must start by excluding everything"
     allowed = {ln.removeprefix("!").rstrip("/") for ln in ignore if ln.startswith("!")}
+    checked = 0
     for path in DOCKERFILES.values():
         for op, args in instructions(path):
             if op == "COPY" and not args.startswith("--from"):
                 for src in args.split()[:-1]:
+                    checked += 1
                     assert (ROOT / src).exists(), f"{path.relative_to(ROOT)} copies {src}, which does not exist"
                     assert src.rstrip("/") in allowed, f"{src} is excluded from the build context by .dockerignore"
+    assert checked, "no COPY from the build context was found: nothing was checked"
     for secret in (".env", ".venv", ".git"):
         assert secret not in allowed
 

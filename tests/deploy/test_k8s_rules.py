@@ -105,7 +105,9 @@ def test_every_worker_kind_has_a_gpu_deployment(rendered, overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_worker_probes_use_the_heartbeat_not_celery_ping(rendered, overlay):
-    for kind, dep in workers(rendered[overlay]).items():
+    by_kind = workers(rendered[overlay])
+    assert sorted(by_kind) == sorted(WORKER_KINDS), f"{overlay}: found worker Deployments for {sorted(by_kind)}"
+    for kind, dep in by_kind.items():
         c = dep["spec"]["template"]["spec"]["containers"][0]
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             cmd = c[probe]["exec"]["command"]
@@ -225,7 +227,10 @@ def test_gpu_cluster_scales_every_worker_kind_on_its_queue(rendered):
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
     scaled = {d["spec"]["scaleTargetRef"]["name"]: d for d in docs if d["kind"] == "ScaledObject"}
     routes = {r.path for r in metrics_router.routes}
-    for kind, dep in workers(docs).items():
+    by_kind = workers(docs)
+    # Without this, a renamed label or a dropped base would find no workers and check nothing.
+    assert sorted(by_kind) == sorted(WORKER_KINDS), f"gpu-cluster: found worker Deployments for {sorted(by_kind)}"
+    for kind, dep in by_kind.items():
         name = dep["metadata"]["name"]
         assert name in scaled, f"worker {kind} has no ScaledObject"
         assert "replicas" not in dep["spec"], f"{name}: KEDA owns the replica count; drop spec.replicas"

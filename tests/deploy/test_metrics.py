@@ -15,7 +15,7 @@ import pytest
 from fastapi import APIRouter, FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
 from services.metrics import collectors, install_metrics
@@ -141,12 +141,22 @@ def test_queue_depth_follows_jobs_through_the_broker(client, auth, fresh_snapsho
         resp = client.post("/v1/jobs", json=TINY, headers=auth)
         assert resp.status_code == 201, resp.json()
         ids.append(resp.json()["id"])
+    before_scrape = utcnow()
     m1 = scrape(client)
     assert value(m1, "crucible_queue_depth", queue=QUEUE) == 0, "submitted jobs wait in the outbox, not the broker"
     assert value(m1, "crucible_queue_demand", queue=QUEUE) - value(m0, "crucible_queue_demand", queue=QUEUE) == 2
     assert value(m1, "crucible_jobs", state="queued", kind="ssl-train") - \
         value(m0, "crucible_jobs", state="queued", kind="ssl-train") == 2
-    assert value(m1, "crucible_queue_oldest_waiting_age_seconds", queue=QUEUE) >= 0
+    # The age is that of the oldest waiting job of this queue (ours, or one an earlier test left queued), read
+    # from a snapshot taken at most SNAPSHOT_TTL_SECONDS before the scrape: 0 would mean "nothing waits".
+    with session_scope() as s:
+        oldest = s.scalar(select(func.min(Job.queued_at)).where(
+            Job.worker_kind == "ssl-trainer", Job.status.in_([JobStatus.QUEUED, JobStatus.DISPATCHED])))
+    assert oldest is not None
+    age = value(m1, "crucible_queue_oldest_waiting_age_seconds", queue=QUEUE)
+    lo = (before_scrape - oldest).total_seconds() - snapshot_mod.SNAPSHOT_TTL_SECONDS - 0.5
+    hi = (utcnow() - oldest).total_seconds() + 0.5
+    assert age > 0 and lo <= age <= hi, (age, lo, hi)
 
     with session_scope() as s:
         stats = dispatch_once(s, get_celery(), settings)

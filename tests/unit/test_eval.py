@@ -56,7 +56,11 @@ def test_probe_standardises_with_train_statistics_only() -> None:
     assert [h["lr"] for h in result.history] == pytest.approx([0.1, 0.01, 0.001])
     assert [m["epoch"] for _, m in ctx.metrics] == [1.0, 2.0, 3.0]
     assert result.last_top1 == result.history[-1]["linear_top1"] and result.best_top1 >= result.last_top1
-    assert isinstance(LinearProbe.from_features(train, 3), LinearProbe)
+    # from_features takes its standardisation from the features it is given (the train set), nothing else
+    fresh = LinearProbe.from_features(train, 3)
+    assert_close(fresh.mean, mean)
+    assert_close(fresh.inv_std, 1.0 / torch.sqrt(var + 1e-5))
+    assert fresh.fc.in_features == 6 and fresh.fc.out_features == 3
 
 
 def test_eval_job_knn_and_probe_resume_exactly(job_context: Any, msf_checkpoints: list[Path]) -> None:
