@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: install demo up down test test-fast lint bench bench-ssl clean
+.PHONY: install demo up down test test-fast lint typecheck check bench bench-ssl clean
 
 # One venv with everything (control plane, workers, test servers). torch/torchvision are pinned exactly in
 # pyproject.toml; pip takes them from local disk on the project's machines.
@@ -33,8 +33,13 @@ test: install  ## the whole suite against real Postgres, Redis, S3 and MLflow se
 test-fast: install  ## unit tests only (no servers)
 	$(PY) -m pytest -m "not integration and not e2e"
 
-lint: install
+lint: install  ## ruff
 	$(VENV)/bin/ruff check services workers shared migrations tests bench
+
+typecheck: install  ## mypy: strict on shared/ and workers/runtime/ (pyproject.toml [tool.mypy])
+	$(PY) -m mypy services workers shared bench
+
+check: lint typecheck  ## what CI runs before the tests; fails on any ruff or mypy error
 
 bench: install  ## platform overhead + control-plane throughput (needs the test servers; see bench/README.md)
 	$(PY) -m bench.run_all

@@ -31,7 +31,7 @@ def free_port(*, grpc_offset: bool = False) -> int:
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+            port: int = s.getsockname()[1]
         if grpc_offset and (port + 10000 > 65535 or port_open("127.0.0.1", port + 10000)):
             continue
         return port

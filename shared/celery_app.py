@@ -9,7 +9,7 @@ harmless (see shared/lifecycle.py).
 from __future__ import annotations
 
 from celery import Celery
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from shared.config import Settings, get_settings
 from shared.kinds import queue_for, worker_kinds

@@ -18,9 +18,9 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import CursorResult, and_, select, update
 from sqlalchemy.orm import Session
 
 from shared.kinds import queue_for
@@ -88,14 +88,14 @@ def dispatch(session: Session, job: Job, *, queue: str, at: datetime | None = No
 def claim(session: Session, *, job_id: uuid.UUID, attempt: int, worker_id: str, lease_s: float) -> Job | None:
     """Atomically take the job for this attempt; None means a duplicate/stale delivery (do no work)."""
     now = utcnow()
-    res = session.execute(
+    res = cast(CursorResult[Any], session.execute(  # an UPDATE's result is a cursor result (it has rowcount)
         update(Job)
         .where(Job.id == job_id, Job.attempt == attempt, Job.cancel_requested.is_(False),
                Job.status.in_(sources_of(JobStatus.RUNNING)))
         .values(status=JobStatus.RUNNING, worker_id=worker_id, lease_expires_at=now + timedelta(seconds=lease_s),
                 started_at=now, updated_at=now)
         .execution_options(synchronize_session=False)
-    )
+    ))
     if res.rowcount != 1:
         return None
     add_event(session, job_id, attempt, "state", status=JobStatus.RUNNING.value, worker=worker_id)

@@ -62,7 +62,7 @@ class Tracker:
             "crucible.job_url": job_url,
             "mlflow.note.content": f"Crucible job [{job_id}]({job_url}) (kind `{kind}`).",
         })
-        run_id = run.info.run_id
+        run_id = str(run.info.run_id)
         from mlflow.entities import Param
 
         params = [Param(k, v) for k, v in flatten(spec).items()]

@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -67,22 +67,28 @@ class Client:
             raise ConnectionError(f"cannot reach the Crucible API at {self.url} ({e}); start it with `crucible up` "
                                   "or set CRUCIBLE_API_URL") from None
 
+    def _object(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        return cast(dict[str, Any], self.request(method, path, **kw))  # the endpoint's response model is an object
+
+    def _list(self, method: str, path: str, **kw: Any) -> list[dict[str, Any]]:
+        return cast(list[dict[str, Any]], self.request(method, path, **kw))  # (a list of objects)
+
     # --- jobs ---
     def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        return self.request("POST", "/v1/jobs", json=spec, headers=headers)
+        return self._object("POST", "/v1/jobs", json=spec, headers=headers)
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/jobs/{job_id}")
+        return self._object("GET", f"/v1/jobs/{job_id}")
 
     def jobs(self, **params: Any) -> dict[str, Any]:
-        return self.request("GET", "/v1/jobs", params={k: v for k, v in params.items() if v is not None})
+        return self._object("GET", "/v1/jobs", params={k: v for k, v in params.items() if v is not None})
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self.request("POST", f"/v1/jobs/{job_id}/cancel")
+        return self._object("POST", f"/v1/jobs/{job_id}/cancel")
 
     def events(self, job_id: str, *, after: int = 0) -> list[dict[str, Any]]:
-        return self.request("GET", f"/v1/jobs/{job_id}/events", params={"after": after})
+        return self._list("GET", f"/v1/jobs/{job_id}/events", params={"after": after})
 
     def follow(self, job_id: str, *, after: int = 0) -> Iterator[dict[str, Any]]:
         """Server-Sent Events until the job ends (reconnects with Last-Event-ID if the stream drops)."""
@@ -113,17 +119,17 @@ class Client:
     # --- datasets / artifacts ---
     def upload_dataset(self, path: Path, *, name: str) -> dict[str, Any]:
         with open(path, "rb") as f:
-            return self.request("POST", "/v1/datasets", data={"name": name}, files={"file": (path.name, f)},
+            return self._object("POST", "/v1/datasets", data={"name": name}, files={"file": (path.name, f)},
                                 timeout=None)
 
     def register_dataset(self, uri: str, *, name: str) -> dict[str, Any]:
-        return self.request("POST", "/v1/datasets", json={"name": name, "uri": uri})
+        return self._object("POST", "/v1/datasets", json={"name": name, "uri": uri})
 
     def datasets(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/v1/datasets")
+        return self._list("GET", "/v1/datasets")
 
     def artifact(self, artifact_id: str) -> dict[str, Any]:
-        return self.request("GET", f"/v1/artifacts/{artifact_id}")
+        return self._object("GET", f"/v1/artifacts/{artifact_id}")
 
     def artifacts(self, **params: Any) -> list[dict[str, Any]]:
-        return self.request("GET", "/v1/artifacts", params={k: v for k, v in params.items() if v is not None})
+        return self._list("GET", "/v1/artifacts", params={k: v for k, v in params.items() if v is not None})

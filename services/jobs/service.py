@@ -37,7 +37,7 @@ def submit(*, session: Session, project_id: uuid.UUID, spec: JobSpecBase,
         if existing is not None:
             return _replay(existing, digest, idempotency_key), False
 
-    kind = spec.kind  # type: ignore[attr-defined]
+    kind = spec.kind
     settings = get_settings()
     if spec.resources.gpus > settings.MAX_GPUS_PER_JOB:
         raise Invalid(f"{spec.resources.gpus} GPUs requested; this cluster runs at most {settings.MAX_GPUS_PER_JOB} "

@@ -101,11 +101,11 @@ def _queue_families(snap: snapshot_mod.Snapshot) -> Iterator[Metric]:
         "crucible_dispatch_latency_seconds",
         f"Queued → dispatched delay of jobs dispatched in the last {snapshot_mod.DISPATCH_WINDOW_SECONDS:.0f}s",
         labels=["queue"])
-    for q in sorted(q.queue for q in snap.queues.values()):
-        samples = snap.dispatch_latencies.get(q, [])
+    for queue in sorted(q.queue for q in snap.queues.values()):
+        samples = snap.dispatch_latencies.get(queue, [])
         buckets = [(_le(b), sum(1 for s in samples if s <= b)) for b in snapshot_mod.DISPATCH_BUCKETS]
         buckets.append(("+Inf", len(samples)))
-        latency.add_metric([q], buckets, gsum_value=sum(samples))
+        latency.add_metric([queue], buckets, gsum_value=sum(samples))
     yield latency
 
 

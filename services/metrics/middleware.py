@@ -29,7 +29,7 @@ def route_label(scope: Scope) -> str:
     if not template:
         return UNMATCHED
     regex = getattr(route, "path_regex", None)
-    path = scope.get("path", "")
+    path: str = scope.get("path", "")
     if regex is None or regex.match(path):
         return str(template)
     for i, ch in enumerate(path):

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -97,8 +98,8 @@ def read_jobs(session: Session, snap: Snapshot) -> None:
         .group_by(Job.status, Job.kind, Job.worker_kind)
     ).all()
     for kind in JOB_KINDS:  # zero-filled, so a dashboard shows a flat line instead of "no data"
-        for state in JobStatus:
-            snap.jobs[(state.value, kind)] = 0
+        for st in JobStatus:
+            snap.jobs[(st.value, kind)] = 0
         for totals in (snap.attempts, snap.retries, snap.infra_failures, snap.user_failures):
             totals[kind] = 0
     for status, kind, worker_kind, count, oldest, attempts, infra, user in rows:
@@ -130,7 +131,7 @@ def read_dispatch_latencies(session: Session, snap: Snapshot) -> None:
         .limit(DISPATCH_SAMPLE_LIMIT)
     ).all()
     for worker_kind, queued_at, dispatched_at in rows:
-        if worker_kind not in snap.queues:
+        if worker_kind not in snap.queues or queued_at is None or dispatched_at is None:
             continue
         delay = (dispatched_at - queued_at).total_seconds()
         if delay < 0:  # re-queued for another attempt since; its new dispatch is not in yet
@@ -148,10 +149,10 @@ def read_workers(session: Session, snap: Snapshot) -> None:
 
 # --- broker part --------------------------------------------------------------------------------------------
 _redis_lock = threading.Lock()
-_redis_clients: dict[str, object] = {}
+_redis_clients: dict[str, Any] = {}
 
 
-def _redis_for(url: str):  # type: ignore[no-untyped-def]
+def _redis_for(url: str) -> Any:  # a redis.Redis (imported lazily: the API need not load it without Redis)
     import redis
 
     with _redis_lock:
@@ -208,8 +209,8 @@ def take_snapshot(settings: Settings | None = None) -> Snapshot:
         for q in snap.queues.values():
             q.depth = q.dispatched
         snap.depth_source = "database"
-    for part, why in snap.errors.items():
-        log.warning("metrics: could not read %s: %s", part, why)
+    for failed, why in snap.errors.items():
+        log.warning("metrics: could not read %s: %s", failed, why)
     return snap
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Protocol
+from typing import Any, Protocol, cast
 
-from sqlalchemy import delete, select
+from sqlalchemy import CursorResult, delete, select
 from sqlalchemy.orm import Session
 
 from shared.config import Settings
@@ -46,7 +46,8 @@ def reconcile_once(session: Session, settings: Settings) -> ReconcileStats:
                                 reason=f"worker {worker_id} lost (lease expired)")
         stats.lease_expired += 1
         if status is not None and status.terminal:
-            run_id = session.get(Job, job_id).mlflow_run_id  # type: ignore[union-attr]
+            job = session.get(Job, job_id)
+            run_id = job.mlflow_run_id if job is not None else None
             if run_id:
                 stats.runs_to_close.append((run_id, status.value))
 
@@ -81,7 +82,8 @@ def reconcile_once(session: Session, settings: Settings) -> ReconcileStats:
 
     # 4. Forget workers that stopped heart-beating long ago (metrics and probes read this table).
     gone = now - timedelta(seconds=10 * settings.HEARTBEAT_SECONDS + settings.LEASE_SECONDS)
-    stats.stale_workers = session.execute(delete(Worker).where(Worker.last_heartbeat_at < gone)).rowcount  # type: ignore[attr-defined]
+    gone_rows = cast(CursorResult[Any], session.execute(delete(Worker).where(Worker.last_heartbeat_at < gone)))
+    stats.stale_workers = gone_rows.rowcount  # a DELETE's result is a cursor result
     return stats
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +46,16 @@ def mnist_path() -> Path:
     return path
 
 
+def _zarr_array(group: Any, name: str, n: int) -> np.ndarray:
+    """The first ``n`` rows of array ``name`` (zarr's member lookup is typed as "array or group")."""
+    import zarr
+
+    arr = group[name]
+    if not isinstance(arr, zarr.Array):
+        raise TypeError(f"{mnist_path()}: {name} is not an array")
+    return np.asarray(arr[:n])
+
+
 def _load_mnist(limit_train: int | None, limit_test: int | None) -> tuple[np.ndarray, ...]:
     import zarr
     import zarr.storage
@@ -54,8 +65,8 @@ def _load_mnist(limit_train: int | None, limit_test: int | None) -> tuple[np.nda
         root = zarr.open_group(store, mode="r")
         # Slice before reading so a limit also limits decompression.
         ntr, nte = limit_train or BUILTIN_INFO["mnist"]["train"], limit_test or BUILTIN_INFO["mnist"]["test"]
-        xtr, ytr = root["train_images"][:ntr], root["train_labels"][:ntr]
-        xte, yte = root["test_images"][:nte], root["test_labels"][:nte]
+        xtr, ytr, xte, yte = (_zarr_array(root, name, n) for name, n in (
+            ("train_images", ntr), ("train_labels", ntr), ("test_images", nte), ("test_labels", nte)))
     finally:
         store.close()
     return xtr, ytr, xte, yte

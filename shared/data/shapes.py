@@ -47,12 +47,12 @@ Mask = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 def _disk(u: np.ndarray, v: np.ndarray, _r: np.ndarray) -> np.ndarray:
-    return u * u + v * v <= 1.0
+    return np.asarray(u * u + v * v <= 1.0)
 
 
 def _ring(u: np.ndarray, v: np.ndarray, _r: np.ndarray) -> np.ndarray:
     rho2 = u * u + v * v
-    return (rho2 <= 1.0) & (rho2 >= 0.55**2)
+    return np.asarray((rho2 <= 1.0) & (rho2 >= 0.55**2))
 
 
 def _triangle(u: np.ndarray, v: np.ndarray, _r: np.ndarray) -> np.ndarray:
@@ -65,23 +65,23 @@ def _triangle(u: np.ndarray, v: np.ndarray, _r: np.ndarray) -> np.ndarray:
 
 
 def _square(u: np.ndarray, v: np.ndarray, _r: np.ndarray) -> np.ndarray:
-    return np.maximum(np.abs(u), np.abs(v)) <= 0.75
+    return np.asarray(np.maximum(np.abs(u), np.abs(v)) <= 0.75)
 
 
 def _diamond(u: np.ndarray, v: np.ndarray, _r: np.ndarray) -> np.ndarray:
-    return np.abs(u) + np.abs(v) <= 1.0
+    return np.asarray(np.abs(u) + np.abs(v) <= 1.0)
 
 
 def _plus(u: np.ndarray, v: np.ndarray, _r: np.ndarray) -> np.ndarray:
     au, av = np.abs(u), np.abs(v)
-    return ((au <= 0.3) & (av <= 1.0)) | ((av <= 0.3) & (au <= 1.0))
+    return np.asarray(((au <= 0.3) & (av <= 1.0)) | ((av <= 0.3) & (au <= 1.0)))
 
 
 def _star(u: np.ndarray, v: np.ndarray, _r: np.ndarray) -> np.ndarray:
     # Five points: the allowed radius oscillates between 1 (tips) and 0.4 (valleys) with the angle.
     phi = np.arctan2(v, u) + np.pi / 2
     t = np.abs(np.mod(phi * 5 / (2 * np.pi), 1.0) - 0.5) * 2  # 1 at a tip, 0 in a valley
-    return np.sqrt(u * u + v * v) <= 0.4 + 0.6 * t
+    return np.asarray(np.sqrt(u * u + v * v) <= 0.4 + 0.6 * t)
 
 
 def _stripes(coord: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Mask:
@@ -89,7 +89,7 @@ def _stripes(coord: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Mask:
         # Square patch filled with stripes; the period (in pixels) is tied to the patch radius r.
         period = np.maximum(r / 2.5, 3.0)
         inside = np.maximum(np.abs(u), np.abs(v)) <= 0.85
-        return inside & (np.mod(coord(u, v) * r / period, 1.0) < 0.5)
+        return np.asarray(inside & (np.mod(coord(u, v) * r / period, 1.0) < 0.5))
 
     return mask
 
@@ -99,7 +99,7 @@ def _checker(u: np.ndarray, v: np.ndarray, r: np.ndarray) -> np.ndarray:
     inside = np.maximum(np.abs(u), np.abs(v)) <= 0.85
     a = np.mod(u * r / period, 1.0) < 0.5
     b = np.mod(v * r / period, 1.0) < 0.5
-    return inside & (a ^ b)
+    return np.asarray(inside & (a ^ b))
 
 
 # name -> (mask in shape coordinates (unit "radius"), max |rotation| in degrees)
@@ -122,7 +122,7 @@ def hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
     """HSV in [0, 1] (arrays of one shape ``S``) -> RGB in [0, 255], shape ``S + (3,)``."""
     k = np.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], axis=-1)
     k = np.clip(np.minimum(k, 4 - k), 0, 1)
-    return 255.0 * v[..., None] * (1 - s[..., None] * k)
+    return np.asarray(255.0 * v[..., None] * (1 - s[..., None] * k))
 
 
 def _colours(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -168,7 +168,7 @@ def _render_chunk(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
     alpha = (m[:, 0::2, 0::2] + m[:, 1::2, 0::2] + m[:, 0::2, 1::2] + m[:, 1::2, 1::2]).astype(np.float32) / 4
     img = bg[:, None, None, :] + alpha[..., None] * (fg - bg)[:, None, None, :]
     img += _NOISE_STD * rng.standard_normal(size=img.shape, dtype=np.float32)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return np.asarray(np.clip(np.rint(img), 0, 255).astype(np.uint8))
 
 
 def generate(num: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -43,6 +43,8 @@ class JobSpecBase(StrictModel):
     critical_keys: ClassVar[tuple[str, ...]] = ()
     # Evaluations also write their results into the MLflow runs of the jobs whose checkpoints they read.
     report_results_to_inputs: ClassVar[bool] = False
+    if TYPE_CHECKING:  # every subclass declares `kind: Literal[...]`; typed here so callers need no cast
+        kind: str
 
     experiment: str = Field("default", description="experiment (inside the key's project) to file the job under")
     name: str | None = Field(None, max_length=200, description="display name")

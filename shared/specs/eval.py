@@ -29,6 +29,10 @@ class LinearProbeOptions(StrictModel):
                                             "False: features are computed once and cached (fast)")
 
 
+Protocol = Literal["knn", "linear"]
+PROTOCOLS: tuple[Protocol, ...] = ("knn", "linear")
+
+
 class EvalSpec(JobSpecBase):
     critical_keys: ClassVar[tuple[str, ...]] = ("checkpoint", "dataset", "protocols", "train_fraction", "seed")
     report_results_to_inputs: ClassVar[bool] = True
@@ -41,7 +45,7 @@ class EvalSpec(JobSpecBase):
     image_size: int | None = Field(None, ge=8, le=512, description="default: the size the checkpoint trained at")
     train_fraction: float = Field(1.0, gt=0, le=1, description="labelled share used (0.01, 0.1 for semi-sup. "
                                                                "evaluation): k-NN database and probe training")
-    protocols: list[Literal["knn", "linear"]] = Field(default_factory=lambda: ["knn", "linear"], min_length=1)
+    protocols: list[Protocol] = Field(default_factory=lambda: list(PROTOCOLS), min_length=1)
     knn_k: list[int] = Field(default_factory=lambda: [1, 20], min_length=1, max_length=8,
                              description="unweighted majority vote (reference); weighted k=200 is reported too")
     linear: LinearProbeOptions = Field(default_factory=LinearProbeOptions)
