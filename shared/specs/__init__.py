@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from functools import reduce
 from operator import or_
-from typing import TYPE_CHECKING, Annotated, Any, TypeAlias
+from typing import TYPE_CHECKING, Annotated, Any, TypeAlias, TypeVar, overload
 
 from pydantic import Field, TypeAdapter, ValidationError
 
@@ -45,11 +45,19 @@ def _current_adapter() -> TypeAdapter[Any]:
     return _adapter[1]
 
 
-def parse_spec(data: Any) -> JobSpecBase:
+S = TypeVar("S", bound=JobSpecBase)
+
+
+@overload
+def parse_spec(data: Any) -> JobSpecBase: ...
+@overload
+def parse_spec(data: Any, expect: type[S]) -> S: ...
+def parse_spec(data: Any, expect: type[JobSpecBase] | None = None) -> JobSpecBase:
     """Validate a spec dict (from JSON, YAML or the DB) into its kind's model.
 
     A missing or unregistered ``kind`` raises ``UnknownKind`` naming the known kinds; anything else invalid
-    raises pydantic's ``ValidationError`` naming the field.
+    raises pydantic's ``ValidationError`` naming the field. With ``expect``, a spec of another kind is a
+    ValueError too (and the result is typed as ``expect``).
     """
     if isinstance(data, Mapping) and data.get("kind") not in kinds.JOB_KINDS:
         raise UnknownKind("job kind", data.get("kind"), list(kinds.JOB_KINDS))
@@ -60,6 +68,9 @@ def parse_spec(data: Any) -> JobSpecBase:
             kind = getattr(data, "kind", None)
             raise UnknownKind("job kind", kind, list(kinds.JOB_KINDS)) from None
         raise
+    if expect is not None and not isinstance(spec, expect):
+        wanted = expect.model_fields["kind"].default if "kind" in expect.model_fields else expect.__name__
+        raise ValueError(f"expected a spec of kind {wanted!r}, got kind {spec.kind!r}")
     return spec
 
 

@@ -134,3 +134,12 @@ def test_every_builtin_kind_resolves() -> None:
         assert k.spec_model().model_fields["kind"].default == k.name
         assert importlib.util.find_spec(k.entry_point.partition(":")[0]) is not None, k.entry_point
         assert k.worker_kind in kinds.WORKER_KINDS and k.mode == "job"
+
+
+def test_parse_spec_can_expect_a_kind() -> None:
+    from shared.specs import EvalSpec, SslTrainSpec
+
+    spec = parse_spec({"kind": "ssl-train"}, SslTrainSpec)
+    assert isinstance(spec, SslTrainSpec)
+    with pytest.raises(ValueError, match="expected a spec of kind 'eval', got kind 'ssl-train'"):
+        parse_spec({"kind": "ssl-train"}, EvalSpec)
