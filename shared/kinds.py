@@ -256,7 +256,7 @@ class _Field(Mapping[str, str]):
         return len(_job_kinds)
 
     def __contains__(self, name: object) -> bool:
-        return name in _job_kinds
+        return isinstance(name, str) and name in _job_kinds
 
 
 WORKER_KINDS: Sequence[str] = _Names(_worker_kinds)  # every registered worker kind's name, in declaration order

@@ -99,6 +99,8 @@ def test_an_unknown_job_kind_names_the_known_ones(call: Any) -> None:
 def test_a_missing_kind_and_unknown_worker_kinds_are_clear_too() -> None:
     with pytest.raises(UnknownKind, match="a job kind is required; known: ssl-train"):
         parse_spec({"dataset": "builtin://shapes"})
+    with pytest.raises(UnknownKind, match=r"unknown job kind \['ssl-train'\]; known: ssl-train"):
+        parse_spec({"kind": ["ssl-train"]})
     with pytest.raises(UnknownKind, match="unknown worker kind 'gpu-trainer'; known: ssl-trainer, distiller"):
         kinds.queue_for("gpu-trainer")
     orphan = JobKind("toy", TOY.spec, "gpu-trainer", TOY.entry_point, TOY.summary)
