@@ -54,7 +54,8 @@ def sources_of(dst: JobStatus) -> list[JobStatus]:
 
 
 def _transition(job: Job, dst: JobStatus) -> None:
-    src = job.status
+    # A Job built in this transaction without a status has not been inserted yet: it starts as pending.
+    src = job.status if job.status is not None else JobStatus.PENDING
     if not can_transition(src, dst):
         allowed = ", ".join(sorted(TRANSITIONS[src])) or "nothing (terminal)"
         raise IllegalTransition(f"job {job.id}: {src.value} -> {dst.value} is not allowed; from {src.value}: "

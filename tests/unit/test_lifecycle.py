@@ -62,6 +62,13 @@ def test_a_finished_job_cannot_be_requeued_dispatched_or_ended_again(status: Job
     assert s.added == []
 
 
+def test_a_new_row_without_a_status_starts_as_pending() -> None:
+    s = _Recorder()
+    job = Job(id=uuid.uuid4(), attempt=1, worker_kind="ssl-trainer", priority=0)
+    lifecycle.enqueue(s.session, job, reason="submitted")
+    assert job.status == JobStatus.QUEUED and [type(o).__name__ for o in s.added] == ["Outbox", "JobEvent"]
+
+
 def test_pending_jobs_cannot_skip_the_queue() -> None:
     with pytest.raises(IllegalTransition, match="pending -> dispatched"):
         lifecycle.dispatch(_Recorder().session, _job(JobStatus.PENDING), queue="q")
