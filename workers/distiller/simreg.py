@@ -106,3 +106,7 @@ class SimReg(nn.Module):
         losses = torch.stack([simreg_loss(head(f), t) for head, t in zip(self.heads, teacher_feats, strict=True)])
         metrics = {f"loss_teacher{k}": v.detach() for k, v in enumerate(losses)} if len(losses) > 1 else {}
         return StepOutput(loss=losses.mean(), metrics=metrics)
+
+    def forward(self, view: Tensor, teacher_feats: Sequence[Tensor]) -> StepOutput:
+        # DDP calls forward(); a step is the unit the gradient all-reduce wraps.
+        return self.step(view, teacher_feats)

@@ -127,7 +127,7 @@ def _seed_worker(worker_id: int) -> None:
         info.dataset.reseed(info.seed % (2**63 - 1))
 
 
-def train_loader(dataset: TwoViewDataset, batch_size: int, *, seed: int, epoch: int, num_workers: int = 0,
+def train_loader(dataset: TwoViewDataset | OneViewDataset, batch_size: int, *, seed: int, epoch: int, num_workers: int = 0,
                  pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader[Any]:
     """Shuffled, ``drop_last=True`` loader for one epoch (banks need full batches: K % B == 0).
 
