@@ -39,8 +39,8 @@ def _worker(rank: int, world: int, port: int, tmp: str, teachers: list[str]) -> 
     torch.set_num_threads(1)
     from shared.data import load_dataset
     from shared.specs import DistillSpec
-    from workers.distiller.train import DistillMethod, loop_config
     from workers.common.loop import TrainingLoop
+    from workers.distiller.train import DistillMethod, loop_config
     from workers.runtime.local import LocalContext
 
     dist.init_process_group("gloo", rank=rank, world_size=world)

@@ -11,9 +11,10 @@ teacher features kept in a memory bank - rather than the teacher's feature itsel
     L   = (1/B) sum_i KL(p_T,i || p_S,i) = (1/B) sum_i sum_j p_T,ij (log p_T,ij - log p_S,ij)
 
 Banks are written AFTER the similarities are computed (ssl.md 1.5, 8.1): the current batch is never
-one of its own anchors. Under DDP every rank writes the GLOBAL batch (all ranks' rows, all-gathered in rank
-order), so the banks stay identical on every rank, as in one process holding the whole batch. tau = 0.04 for both sides. In 2q the EMA student (alpha = 0.999, parameters
-only) runs with BatchNorm in train mode, like the reference's key encoder.
+one of its own anchors. tau = 0.04 for both sides. In 2q the EMA student (alpha = 0.999, parameters
+only) runs with BatchNorm in train mode, like the reference's key encoder. Under DDP every rank writes the
+GLOBAL batch (all ranks' rows, all-gathered in rank order), so the banks stay identical on every rank, as in
+one process holding the whole batch.
 
 ``compress_kl`` and ``CompressLoss`` are the reusable pieces: the poison-scanner's KD backdoor defense
 distils a possibly-poisoned teacher with them.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -144,7 +146,8 @@ class CompRess(nn.Module):
                  generator: torch.Generator | None = None, comm: Comm | None = None) -> None:
         super().__init__()
         self.student = backbone
-        self.criterion = CompressLoss(teacher_dim, int(backbone.out_dim), bank_size=bank_size,
+        student_dim = cast(int, backbone.out_dim)  # a plain int attribute of every backbone
+        self.criterion = CompressLoss(teacher_dim, student_dim, bank_size=bank_size,
                                       temperature=temperature, variant=variant, generator=generator, comm=comm)
         self.ema_momentum = float(student_ema)
         self.student_ema = make_target(backbone) if variant == "2q" else None

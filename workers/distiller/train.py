@@ -147,7 +147,8 @@ class DistillMethod(Method[DistillSpec]):
 
         # --- model and optimiser ---------------------------------------------------------------------
         model = build_method(spec, create_backbone(spec.backbone, stem=spec.stem), self.teachers, comm=env.comm)
-        model.to(device=device, memory_format=fmt)
+        model.to(device)
+        model.to(memory_format=fmt)
         if env.comm.distributed:  # student, heads and the 2q EMA student normalise over the global batch
             model = distributed.convert_sync_batchnorm(model, device)  # type: ignore[assignment]  # same class
         self.model: SimReg | CompRess = model
@@ -155,8 +156,8 @@ class DistillMethod(Method[DistillSpec]):
                                     weight_decay=spec.weight_decay)
         options: dict[str, Any] = {"head": spec.head} if spec.compress is None else spec.compress.model_dump()
         self.meta = {"method": spec.method, "backbone": spec.backbone, "stem": spec.stem,
-                     "image_size": dataset.image_size, "normalization": {"mean": list(self.mean), "std": list(self.std)},
-                     "classes": dataset.classes,
+                     "image_size": dataset.image_size, "classes": dataset.classes,
+                     "normalization": {"mean": list(self.mean), "std": list(self.std)},
                      "distill": {"teachers": list(spec.teachers), "teacher_features": spec.teacher_features,
                                  "teacher_methods": [t.meta.get("method") for t in self.teachers], **options}}
         return TrainParts(model, optimizer, steps_per_epoch)

@@ -83,13 +83,15 @@ class LocalContext(Generic[SpecT]):
 
         record = self.checkpoints[i]
         source = record["path"] if "path" in record else io.BytesIO(record["data"])
-        return torch.load(source, map_location="cpu", weights_only=False)
+        state: dict[str, Any] = torch.load(source, map_location="cpu", weights_only=False)
+        return state
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         if isinstance(self._resume, Path):
             import torch
 
-            return torch.load(self._resume, map_location="cpu", weights_only=False)
+            state: dict[str, Any] = torch.load(self._resume, map_location="cpu", weights_only=False)
+            return state
         return self._resume
 
     def save_artifact(self, path: Path, *, name: str, artifact_kind: str = "file",

@@ -147,7 +147,8 @@ class SslTrainMethod(Method[SslTrainSpec]):
             train_images=dataset.train_images, normalization=(tuple(self.mean), tuple(self.std)),
             inputs=dict(env.ctx.inputs or {}), device=device, comm=comm, seed=spec.seed)
         self.model = build_method(spec, setup)
-        self.model.to(device=device, memory_format=env.memory_format)
+        self.model.to(device)
+        self.model.to(memory_format=env.memory_format)
         if comm.distributed:
             self.model.convert_sync_batchnorm(device)
         optimizer = torch.optim.SGD(self.model.trainable_parameters(), lr=spec.lr, momentum=spec.momentum,

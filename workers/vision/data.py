@@ -127,8 +127,9 @@ def _seed_worker(worker_id: int) -> None:
         info.dataset.reseed(info.seed % (2**63 - 1))
 
 
-def train_loader(dataset: TwoViewDataset | OneViewDataset, batch_size: int, *, seed: int, epoch: int, num_workers: int = 0,
-                 pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader[Any]:
+def train_loader(dataset: TwoViewDataset | OneViewDataset, batch_size: int, *, seed: int, epoch: int,
+                 num_workers: int = 0, pin_memory: bool = False, rank: int = 0,
+                 world_size: int = 1) -> DataLoader[Any]:
     """Shuffled, ``drop_last=True`` loader for one epoch (banks need full batches: K % B == 0).
 
     With ``world_size > 1`` (DDP) ``batch_size`` is this process's share of the global batch and a
