@@ -82,3 +82,12 @@ def test_two_process_distill_keeps_ranks_identical(tmp_path: Path, msf_checkpoin
     assert any(k.startswith("student_ema.") for k in model)
     simreg = torch.load(tmp_path / "simreg0.pt", weights_only=False)
     assert any(k.startswith("heads.1.") for k in simreg["model"]) and "final_loss" in simreg["result"]
+
+
+def test_the_global_batch_must_split_over_the_gpus() -> None:
+    import pytest
+
+    from shared.specs import DistillSpec
+
+    with pytest.raises(ValueError, match=r"batch_size=30 must be a multiple of resources.gpus=4.*try batch_size=32"):
+        DistillSpec.model_validate(RUNS["simreg"] | {"batch_size": 30, "resources": {"gpus": 4}})

@@ -206,3 +206,14 @@ def test_dataset_checks_apply_the_spec_rules_once(tiny_dataset: Any) -> None:
         check_dataset_fits(distill, tiny_dataset)
     check_dataset_fits(SslTrainSpec.model_validate({"kind": "ssl-train", "method": "msf", **base, "bank_size": 64}),
                        tiny_dataset)
+
+
+def test_the_loop_is_modality_neutral() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, workers.common.loop, workers.common.context, workers.runtime.local; "
+            "bad = sorted(m for m in sys.modules if m.startswith(('workers.vision', 'workers.text', 'torchvision'))); "
+            "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
