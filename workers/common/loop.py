@@ -31,7 +31,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -90,6 +90,8 @@ class LoopConfig:
         resume_keys: checkpoint keys the method's ``load_state_dict`` reads (checked before resuming).
         log_every: steps per metric window (0: per-epoch records only).
         eval_every: epochs between evaluations before the last (0: only at the end).
+        metric_axis: ``"step"`` - metric records and checkpoints are indexed by the global step; ``"epoch"`` -
+            by the epoch number (for per-epoch methods such as the linear probe; use with ``log_every=0``).
     """
 
     kind: str
@@ -105,6 +107,7 @@ class LoopConfig:
     summary_keys: tuple[str, ...] = ()
     resume_keys: tuple[str, ...] = ()
     grad_clip: float | None = None
+    metric_axis: Literal["step", "epoch"] = "step"
 
     @property
     def epochs(self) -> int:
@@ -261,7 +264,7 @@ class TrainingLoop(Generic[SpecT]):
         step = (start_epoch - 1) * self.steps_per_epoch
         start_metrics = method.on_fit_start(resumed=self._resumed)
         if start_metrics:
-            env.log_metrics(start_metrics, step=step)
+            env.log_metrics(start_metrics, step=self._x(step, start_epoch - 1))
         runner: nn.Module = self.module
         if self.comm.distributed and any(p.requires_grad for p in self.module.parameters()):
             runner = distributed.wrap_ddp(self.module, self.device)
@@ -273,7 +276,7 @@ class TrainingLoop(Generic[SpecT]):
         if start_epoch <= cfg.epochs or not self.last_eval:
             self.last_eval = self._evaluate()
         if self.last_eval:
-            env.log_metrics(self.last_eval | {"epoch": cfg.epochs}, step=step)
+            env.log_metrics(self.last_eval | {"epoch": cfg.epochs}, step=self._x(step, cfg.epochs))
         self._checkpoint(cfg.epochs, final=True)
         result = method.result(FitOutcome(dict(self.last_eval), epoch_loss, cfg.epochs, start_epoch))
         if result is not None and self.comm.is_main:
@@ -321,11 +324,12 @@ class TrainingLoop(Generic[SpecT]):
             w_epoch += out.weight
             w_window += out.weight
             if hook_values:
-                env.log_metrics(hook_values | {"epoch": epoch}, step=step)
+                env.log_metrics(hook_values | {"epoch": epoch}, step=self._x(step, epoch))
             if cfg.log_every and step % cfg.log_every == 0:
                 means = {k: float(v) / w_window for k, v in window.items()}
                 check_finite(means["loss"], lr)
-                env.log_metrics(means | {"lr": lr, "epoch": epoch} | method.log_extras(out), step=step)
+                env.log_metrics(means | {"lr": lr, "epoch": epoch} | method.log_extras(out),
+                                step=self._x(step, epoch))
                 window, w_window = {}, 0.0
             if self.comm.is_main:
                 self.ctx.progress(step, self.total_steps, epoch=epoch)
@@ -350,7 +354,7 @@ class TrainingLoop(Generic[SpecT]):
         if evaluated:
             self.last_eval = self._evaluate()
             values |= self.last_eval
-        env.log_metrics(values, step=step)
+        env.log_metrics(values, step=self._x(step, epoch))
         extra = "".join(f", {k} {means[k]:.3f}" for k in cfg.summary_keys if k in means)
         env.log(f"epoch {epoch}/{cfg.epochs}: loss {epoch_loss:.4f}{extra}, {values['epoch_time_s']:.1f}s"
                 + (f", {fmt_metrics(self.last_eval)}" if evaluated and self.last_eval else ""))
@@ -383,7 +387,11 @@ class TrainingLoop(Generic[SpecT]):
                    "scaler": self.scaler.state_dict(), "epoch": epoch_done, "global_step": step, "rng": rng_state()}
         if self.config.eval_key:
             payload[self.config.eval_key] = self.last_eval
-        self.ctx.save_checkpoint(payload, epoch=epoch_done, step=step, final=final)
+        self.ctx.save_checkpoint(payload, epoch=epoch_done, step=self._x(step, epoch_done), final=final)
+
+    def _x(self, step: int, epoch: int) -> int:
+        """Index of a metric record or checkpoint on the configured axis."""
+        return epoch if self.config.metric_axis == "epoch" else step
 
     def _preempt_point(self, epoch: int, step: int, *, last_in_epoch: bool) -> None:
         """On a stop request (any rank): save the current state labelled as the last finished epoch, then raise

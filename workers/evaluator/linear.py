@@ -136,7 +136,7 @@ def train_probe(data: ProbeData, opts: LinearProbeOptions, *, encoder: nn.Module
     config = LoopConfig(kind="eval", schedule=LrSchedule(opts.lr, opts.epochs, "step", tuple(opts.milestones),
                                                         LR_DECAY),
                         seed=seed, amp=False, channels_last=False, checkpoint_every=1, log_every=0,
-                        epoch_prefix="linear_train_", resume_keys=("probe", "history"))
+                        epoch_prefix="linear_train_", resume_keys=("probe", "history"), metric_axis="epoch")
     TrainingLoop(method, ctx, config, device=device).fit()
     if not method.history:
         raise ValueError("the probe trained for no epoch")
