@@ -232,11 +232,11 @@ class TrainingLoop(Generic[SpecT]):
             self.env = LoopEnv(ctx, device, self.comm, amp, dev.memory_format(device, config.channels_last))
             seed_everything(config.seed)
             parts = method.build(self.env)
+            if parts.steps_per_epoch < 1:
+                raise JobConfigError(f"{config.kind}: an epoch has no full batch; lower batch_size or use more data")
         except BaseException:
             distributed.teardown(self._owns_group)
             raise
-        if parts.steps_per_epoch < 1:
-            raise JobConfigError(f"{config.kind}: an epoch has no full batch; lower batch_size or use more data")
         self.module, self.optimizer, self.steps_per_epoch = parts.module, parts.optimizer, parts.steps_per_epoch
         self.device = device
         self.scaler = dev.grad_scaler(device, amp)
