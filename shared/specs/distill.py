@@ -77,6 +77,11 @@ class DistillSpec(VisionTrainingSpec):
             self.compress = self.compress or CompressOptions()
         elif self.compress is not None:
             raise ValueError("compress options given but method is not 'compress'")
+        gpus = self.resources.gpus
+        if gpus > 1 and self.batch_size % gpus:
+            better = max(gpus, round(self.batch_size / gpus) * gpus)
+            raise ValueError(f"batch_size={self.batch_size} must be a multiple of resources.gpus={gpus} (it is the "
+                             f"global batch, split evenly over the processes); try batch_size={better}")
         return self
 
     def checkpoint_inputs(self) -> dict[str, str]:

@@ -55,6 +55,7 @@ def test_probe_standardises_with_train_statistics_only() -> None:
     # MultiStep x0.1 at the milestones; one metrics record per epoch; the last epoch is the reported one.
     assert [h["lr"] for h in result.history] == pytest.approx([0.1, 0.01, 0.001])
     assert [m["epoch"] for _, m in ctx.metrics] == [1.0, 2.0, 3.0]
+    assert [step for step, _ in ctx.metrics] == [1, 2, 3]  # per-epoch records on the epoch axis
     assert result.last_top1 == result.history[-1]["linear_top1"] and result.best_top1 >= result.last_top1
     # from_features takes its standardisation from the features it is given (the train set), nothing else
     fresh = LinearProbe.from_features(train, 3)

@@ -4,7 +4,9 @@
 * ``distributed`` - torchrun process group, rank-aware collectives, synchronised BatchNorm (CPU too), DDP;
 * ``schedule``    - per-epoch/per-step cosine and step LR;
 * ``seeding``     - seeding and RNG snapshots for checkpoints;
-* ``guards``      - resume-compatibility check, finite-loss guard, metric formatting.
+* ``guards``      - resume-compatibility check, finite-loss guard, metric formatting;
+* ``context``     - ``MethodContext[SpecT]``, the protocol of the job and the local (direct-call) contexts;
+* ``loop``        - ``TrainingLoop`` + ``Method``: the one training loop every trainer runs on.
 
 Nothing here imports vision or text code; ``workers.vision`` and ``workers.text`` build on it.
 """

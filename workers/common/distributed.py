@@ -179,7 +179,8 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c:2 * c] / n - mean * mean).clamp_min(0.0)  # biased, used to normalise (as BN does)
-        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+        if (self.track_running_stats and self.running_mean is not None and self.running_var is not None
+                and self.num_batches_tracked is not None):
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)

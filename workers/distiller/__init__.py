@@ -6,17 +6,12 @@
 * ``teachers`` - loading frozen teachers from checkpoints; ``train`` - the job (``run(ctx)``/``train``).
 
 Both methods expose ``student`` (the exported backbone), ``trainable_parameters()`` and
-``step(view, teacher_feats) -> StepOutput``.
+``step(view, teacher_feats) -> StepOutput`` (also their ``forward``, so DDP can wrap them); ``StepOutput`` is the
+training loop's (``workers.common.loop``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from workers.common.loop import StepOutput
 
-from torch import Tensor
-
-
-@dataclass
-class StepOutput:
-    loss: Tensor  # the scalar that is back-propagated
-    metrics: dict[str, Tensor] = field(default_factory=dict)  # detached monitors (no host sync here)
+__all__ = ["StepOutput"]

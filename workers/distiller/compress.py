@@ -12,7 +12,9 @@ teacher features kept in a memory bank - rather than the teacher's feature itsel
 
 Banks are written AFTER the similarities are computed (ssl.md 1.5, 8.1): the current batch is never
 one of its own anchors. tau = 0.04 for both sides. In 2q the EMA student (alpha = 0.999, parameters
-only) runs with BatchNorm in train mode, like the reference's key encoder.
+only) runs with BatchNorm in train mode, like the reference's key encoder. Under DDP every rank writes the
+GLOBAL batch (all ranks' rows, all-gathered in rank order), so the banks stay identical on every rank, as in
+one process holding the whole batch.
 
 ``compress_kl`` and ``CompressLoss`` are the reusable pieces: the poison-scanner's KD backdoor defense
 distils a possibly-poisoned teacher with them.
@@ -22,11 +24,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workers.common.distributed import Comm
 from workers.distiller import StepOutput
 from workers.vision.bank import MemoryBank
 from workers.vision.ema import ema_update, make_target
@@ -56,12 +60,13 @@ class CompressLoss(nn.Module):
     Args:
         teacher_dim: teacher feature width ``d_T``.
         student_dim: student feature width ``d_S``.
-        bank_size: anchors K (rows of each bank); must be a multiple of the batch size.
+        bank_size: anchors K (rows of each bank); must be a multiple of the (global) batch size.
         temperature: tau of both softmaxes (0.04 in the paper).
         variant: ``"1q"`` - the student is mapped to ``d_T`` by a trainable ``Linear`` (``self.project``, put
             its parameters in the optimiser) and scored against the teacher's anchors; ``"2q"`` - scored
             against its own bank, filled with the EMA student's features (pass them as ``student_key``).
         generator: seeds the random initial bank rows.
+        comm: the process group (several processes: the banks are written with the all-gathered batch).
 
     Example::
 
@@ -71,8 +76,9 @@ class CompressLoss(nn.Module):
     """
 
     def __init__(self, teacher_dim: int, student_dim: int, *, bank_size: int, temperature: float = 0.04,
-                 variant: str = "1q", generator: torch.Generator | None = None) -> None:
+                 variant: str = "1q", generator: torch.Generator | None = None, comm: Comm | None = None) -> None:
         super().__init__()
+        self.comm = comm or Comm()
         if variant not in ("1q", "2q"):
             raise ValueError(f"variant must be '1q' or '2q', got {variant!r}")
         if temperature <= 0:
@@ -114,9 +120,9 @@ class CompressLoss(nn.Module):
             s_logits = self.similarities(student_feats, self.student_bank)
         loss = compress_kl(t_logits, s_logits)
         # Write AFTER the similarities: this batch becomes an anchor for the next ones, never for itself.
-        self.teacher_bank.push(teacher_feats)
+        self.teacher_bank.push(self.comm.all_gather(teacher_feats))
         if self.student_bank is not None and student_key is not None:
-            self.student_bank.push(student_key.detach())
+            self.student_bank.push(self.comm.all_gather(student_key.detach()))
         return CompressOutput(loss=loss, teacher_logits=t_logits.detach(), student_logits=s_logits.detach())
 
 
@@ -137,11 +143,12 @@ class CompRess(nn.Module):
 
     def __init__(self, backbone: nn.Module, teacher_dim: int, *, variant: str, bank_size: int,
                  temperature: float = 0.04, student_ema: float = 0.999,
-                 generator: torch.Generator | None = None) -> None:
+                 generator: torch.Generator | None = None, comm: Comm | None = None) -> None:
         super().__init__()
         self.student = backbone
-        self.criterion = CompressLoss(teacher_dim, int(backbone.out_dim), bank_size=bank_size,
-                                      temperature=temperature, variant=variant, generator=generator)
+        student_dim = cast(int, backbone.out_dim)  # a plain int attribute of every backbone
+        self.criterion = CompressLoss(teacher_dim, student_dim, bank_size=bank_size,
+                                      temperature=temperature, variant=variant, generator=generator, comm=comm)
         self.ema_momentum = float(student_ema)
         self.student_ema = make_target(backbone) if variant == "2q" else None
 
@@ -170,3 +177,7 @@ class CompRess(nn.Module):
         out = self.criterion(teacher_feats[0], s, key)
         return StepOutput(loss=out.loss, metrics={"teacher_entropy": entropy(out.teacher_logits),
                                                   "student_entropy": entropy(out.student_logits)})
+
+    def forward(self, view: Tensor, teacher_feats: Sequence[Tensor]) -> StepOutput:
+        # DDP calls forward(); a step is the unit the gradient all-reduce wraps.
+        return self.step(view, teacher_feats)

@@ -31,6 +31,7 @@ and is not reproduced; ``head: linear`` is the honest "without the MLP head" abl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +91,7 @@ class SimReg(nn.Module):
         if not teacher_dims:
             raise ValueError("SimReg needs at least one teacher")
         self.student = backbone
-        d = int(backbone.out_dim)
+        d = cast(int, backbone.out_dim)  # a plain int attribute of every backbone
         self.heads = nn.ModuleList(build_head(head, d, int(dim)) for dim in teacher_dims)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -106,3 +107,7 @@ class SimReg(nn.Module):
         losses = torch.stack([simreg_loss(head(f), t) for head, t in zip(self.heads, teacher_feats, strict=True)])
         metrics = {f"loss_teacher{k}": v.detach() for k, v in enumerate(losses)} if len(losses) > 1 else {}
         return StepOutput(loss=losses.mean(), metrics=metrics)
+
+    def forward(self, view: Tensor, teacher_feats: Sequence[Tensor]) -> StepOutput:
+        # DDP calls forward(); a step is the unit the gradient all-reduce wraps.
+        return self.step(view, teacher_feats)

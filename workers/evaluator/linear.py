@@ -11,16 +11,17 @@
 * Test accuracy after every epoch; the LAST epoch is the reported number (picking the best epoch selects
   on the test set) - the best is reported too, labelled as such.
 
-The probe is checkpointed every epoch (weights, optimiser, RNG, history) and resumes exactly: the data order
-and the crops of epoch e are functions of (seed, e), and the frozen backbone is deterministic.
+The probe runs on the shared training loop (``workers.common.loop``; ``ProbeMethod``): it is checkpointed every
+epoch (weights, optimiser, RNG, history) and resumes exactly - the data order and the crops of epoch e are
+functions of (seed, e), and the frozen backbone is deterministic.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +30,9 @@ from torch.utils.data import DataLoader, get_worker_info
 
 from shared.specs.eval import LinearProbeOptions
 from workers.common import device as dev
-from workers.common.guards import check_finite
-from workers.common.schedule import lr_at_epoch, set_lr
-from workers.common.seeding import rng_state, set_rng_state
+from workers.common.context import MethodContext
+from workers.common.loop import FitOutcome, LoopConfig, LoopEnv, Method, StepOutput, TrainingLoop, TrainParts
+from workers.common.schedule import LrSchedule
 from workers.vision.data import OneViewDataset, collated, epoch_seed
 
 STANDARDIZE_EPS = 1e-5
@@ -93,7 +94,7 @@ class ProbeResult:
 def _reseed_worker(worker_id: int) -> None:
     info = get_worker_info()
     if info is not None:
-        info.dataset.reseed(info.seed % (2**63 - 1))
+        cast(OneViewDataset, info.dataset).reseed(info.seed % (2**63 - 1))
 
 
 def probe_loader(dataset: OneViewDataset, batch_size: int, *, seed: int, epoch: int, num_workers: int = 0,
@@ -115,88 +116,97 @@ def accuracy(probe: nn.Module, features: Tensor, labels: Tensor, batch_size: int
     return correct / max(1, len(features))
 
 
-def train_probe(data: ProbeData, opts: LinearProbeOptions, *, encoder: nn.Module, ctx: Any, device: torch.device,
-                seed: int, state: dict[str, Any] | None = None, amp_dtype: torch.dtype | None = None,
+def train_probe(data: ProbeData, opts: LinearProbeOptions, *, encoder: nn.Module, ctx: MethodContext[Any],
+                device: torch.device, seed: int, amp_dtype: torch.dtype | None = None,
                 memory_format: torch.memory_format = torch.contiguous_format, num_workers: int = 0,
-                save: Callable[[dict[str, Any], int, bool], None] | None = None) -> ProbeResult:
-    """Train the probe for ``opts.epochs`` epochs (or the rest of them, from ``state``).
+                extra_state: Mapping[str, Any] | None = None) -> ProbeResult:
+    """Train the probe for ``opts.epochs`` epochs on the training loop (or the rest of them, resuming from
+    ``ctx.load_checkpoint()``).
 
     Args:
         data: features/labels (tensors on any device; moved to ``device``) and, for ``augment``, the images.
         opts: the spec's ``linear`` options.
-        encoder: the frozen backbone (used only with augmentation).
-        ctx: progress, metrics (per epoch: ``linear_train_loss``, ``linear_train_top1``, ``linear_top1``, lr)
-            and preemption.
-        state: the probe part of a resume checkpoint (``probe_state`` output), or None.
-        save: ``save(probe_state, epoch_done, final)`` writes a checkpoint; called after every epoch and on a
-            stop request (with the last finished epoch).
+        encoder: the frozen backbone (used only with augmentation, under ``amp_dtype``).
+        ctx: progress, metrics (per epoch: ``linear_train_loss``, ``linear_train_top1``, ``linear_top1``, lr),
+            checkpoints (every epoch and on a stop request) and preemption.
+        extra_state: added to every checkpoint (the eval job's k-NN numbers and probe metadata).
     """
-    torch.manual_seed(seed)
-    train_x, train_y = data.train_features.to(device), data.train_labels.to(device)
-    test_x, test_y = data.test_features.to(device), data.test_labels.to(device)
-    probe = LinearProbe.from_features(train_x, data.num_classes).to(device)
-    optimizer = torch.optim.SGD(probe.parameters(), lr=opts.lr, momentum=opts.momentum,
-                                weight_decay=opts.weight_decay)
-    history: list[dict[str, float]] = []
-    start = 1
-    if state is not None:
-        probe.load_state_dict(state["probe"])
-        optimizer.load_state_dict(state["optimizer"])
-        history = list(state["history"])
-        set_rng_state(state["rng"])
-        start = int(state["epoch"]) + 1
-    n = len(train_y)
-    steps_per_epoch = math.ceil(n / opts.batch_size)
-    total = opts.epochs * steps_per_epoch
-    step = (start - 1) * steps_per_epoch
-
-    def probe_state(epoch_done: int) -> dict[str, Any]:
-        return {"probe": probe.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch_done,
-                "history": history, "rng": rng_state()}
-
-    def batches(epoch: int) -> Any:
-        if data.augmented is not None:
-            for _, x, y in probe_loader(data.augmented, opts.batch_size, seed=seed, epoch=epoch,
-                                        num_workers=num_workers, pin_memory=device.type == "cuda"):
-                x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                with torch.no_grad(), dev.autocast(device, amp_dtype):
-                    f = encoder(x)
-                yield f.float(), y.to(device, non_blocking=True)
-        else:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch))).to(device)
-            for i in range(0, n, opts.batch_size):
-                idx = order[i:i + opts.batch_size]
-                yield train_x[idx], train_y[idx]
-
-    probe.train()
-    for epoch in range(start, opts.epochs + 1):
-        lr = lr_at_epoch(epoch, base_lr=opts.lr, epochs=opts.epochs, schedule="step", milestones=opts.milestones,
-                         decay=LR_DECAY)
-        set_lr(optimizer, lr)
-        loss_sum, correct, seen = torch.zeros((), device=device), torch.zeros((), device=device), 0
-        for f, y in batches(epoch):
-            logits = probe(f)
-            loss = F.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            loss_sum += loss.detach() * len(y)
-            correct += (logits.detach().argmax(dim=1) == y).sum()
-            seen += len(y)
-            ctx.progress(step, total, epoch=epoch)
-            ctx.check_preempt(None if save is None else lambda e=epoch: save(probe_state(e - 1), e - 1, False))
-        train_loss = float(loss_sum) / max(1, seen)
-        check_finite(train_loss, lr)
-        values = {"linear_train_loss": train_loss, "linear_train_top1": float(correct) / max(1, seen),
-                  "linear_top1": accuracy(probe, test_x, test_y), "lr": lr, "epoch": float(epoch)}
-        history.append(values)
-        ctx.log_metrics(values, step=epoch)
-        if save is not None:
-            save(probe_state(epoch), epoch, epoch == opts.epochs)
-
-    if not history:
+    method = ProbeMethod(data, opts, encoder=encoder, amp_dtype=amp_dtype, memory_format=memory_format,
+                         num_workers=num_workers, seed=seed, extra_state=extra_state)
+    config = LoopConfig(kind="eval", schedule=LrSchedule(opts.lr, opts.epochs, "step", tuple(opts.milestones),
+                                                        LR_DECAY),
+                        seed=seed, amp=False, channels_last=False, checkpoint_every=1, log_every=0,
+                        epoch_prefix="linear_train_", resume_keys=("probe", "history"), metric_axis="epoch")
+    TrainingLoop(method, ctx, config, device=device).fit()
+    if not method.history:
         raise ValueError("the probe trained for no epoch")
-    best = max(history, key=lambda h: h["linear_top1"])
-    return ProbeResult(last_top1=history[-1]["linear_top1"], best_top1=best["linear_top1"],
-                       best_epoch=int(best["epoch"]), history=history, probe=probe)
+    best = max(method.history, key=lambda h: h["linear_top1"])
+    return ProbeResult(last_top1=method.history[-1]["linear_top1"], best_top1=best["linear_top1"],
+                       best_epoch=int(best["epoch"]), history=method.history, probe=method.probe)
+
+
+class ProbeMethod(Method[Any]):
+    """The linear probe as a loop method: fp32 probe steps (the loop's AMP is off; only the frozen encoder of
+    augmented batches runs under ``amp_dtype``), per-epoch test accuracy, no result of its own."""
+
+    def __init__(self, data: ProbeData, opts: LinearProbeOptions, *, encoder: nn.Module, amp_dtype: torch.dtype | None,
+                 memory_format: torch.memory_format, num_workers: int, seed: int,
+                 extra_state: Mapping[str, Any] | None) -> None:
+        self.data, self.opts, self.encoder = data, opts, encoder
+        self.amp_dtype, self.memory_format, self.num_workers, self.seed = amp_dtype, memory_format, num_workers, seed
+        self.extra_state = dict(extra_state or {})
+        self.history: list[dict[str, float]] = []
+
+    def build(self, env: LoopEnv[Any]) -> TrainParts:
+        d, device = self.data, env.device
+        self.device = device
+        self.train_x, self.train_y = d.train_features.to(device), d.train_labels.to(device)
+        self.test_x, self.test_y = d.test_features.to(device), d.test_labels.to(device)
+        self.probe = LinearProbe.from_features(self.train_x, d.num_classes).to(device)
+        optimizer = torch.optim.SGD(self.probe.parameters(), lr=self.opts.lr, momentum=self.opts.momentum,
+                                    weight_decay=self.opts.weight_decay)
+        return TrainParts(self.probe, optimizer, math.ceil(len(self.train_y) / self.opts.batch_size))
+
+    def epoch_batches(self, epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
+        return self._augmented(epoch) if self.data.augmented is not None else self._cached(epoch)
+
+    def _augmented(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        assert self.data.augmented is not None
+        device = self.device
+        for _, x, y in probe_loader(self.data.augmented, self.opts.batch_size, seed=self.seed, epoch=epoch,
+                                    num_workers=self.num_workers, pin_memory=device.type == "cuda"):
+            x = x.to(device, non_blocking=True).contiguous(memory_format=self.memory_format)
+            with torch.no_grad(), dev.autocast(device, self.amp_dtype):
+                f = self.encoder(x)
+            yield f.float(), y.to(device, non_blocking=True)
+
+    def _cached(self, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.train_y)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(self.seed, epoch)))
+        order = order.to(self.device)
+        for i in range(0, n, self.opts.batch_size):
+            idx = order[i:i + self.opts.batch_size]
+            yield self.train_x[idx], self.train_y[idx]
+
+    def train_step(self, module: nn.Module, batch: tuple[Tensor, Tensor]) -> StepOutput:
+        f, y = batch
+        logits = module(f)
+        top1 = (logits.detach().argmax(dim=1) == y).float().mean()
+        return StepOutput(loss=F.cross_entropy(logits, y), metrics={"top1": top1}, weight=float(len(y)))
+
+    def on_epoch_end(self, *, epoch: int, last: bool, summary: Mapping[str, float]) -> dict[str, float]:
+        test_top1 = accuracy(self.probe, self.test_x, self.test_y)
+        self.history.append({"linear_train_loss": summary["linear_train_loss"],
+                             "linear_train_top1": summary["linear_train_top1"], "linear_top1": test_top1,
+                             "lr": summary["lr"], "epoch": float(epoch)})
+        return {"linear_top1": test_top1}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"probe": self.probe.state_dict(), "history": list(self.history), **self.extra_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.probe.load_state_dict(state["probe"])
+        self.history = list(state["history"])
+
+    def result(self, outcome: FitOutcome) -> None:
+        return None  # the eval job reports k-NN and probe numbers together

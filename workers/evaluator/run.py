@@ -12,8 +12,9 @@ Entry points: ``run(ctx)`` (``workers.evaluator.run:run``, on the ssl-trainer wo
   training set (the semi-supervised 1 % / 10 % protocol).
 * k-NN: unweighted majority vote at every ``knn_k`` (the reference's ``knn_top1_k{k}``) and, reported
   separately, the weighted k=200, T=0.1 vote (``knn_weighted_top1_k200``).
-* Linear probe: ``linear.py``; the last epoch's test accuracy is ``linear_top1``, the best epoch's is
-  ``linear_top1_best``. The probe is checkpointed every epoch and saved as a ``model`` artifact at the end.
+* Linear probe: ``linear.py``, on the shared training loop; the last epoch's test accuracy is ``linear_top1``,
+  the best epoch's is ``linear_top1_best``. The probe is checkpointed every epoch (with the k-NN numbers, so a
+  resumed attempt does not recompute them) and saved as a ``model`` artifact at the end.
 
 The supervisor also logs the result into the MLflow run of the job that produced the checkpoint.
 """
@@ -32,23 +33,22 @@ import torch
 from shared.data import ImageDataset
 from shared.specs import EvalSpec
 from workers.common import device as dev
+from workers.common.context import MethodContext
 from workers.common.guards import check_resumable, fmt_metrics
 from workers.evaluator.linear import ProbeData, train_probe
 from workers.runtime.context import JobConfigError
 from workers.runtime.local import LocalContext
 from workers.vision.augment import EvalTransform, ViewTransform
 from workers.vision.checkpoints import load_encoder, model_meta, read_checkpoint
-from workers.vision.data import EvalDataset, OneViewDataset, load_job_dataset
+from workers.vision.data import EvalDataset, OneViewDataset, check_dataset_fits, load_job_dataset
 from workers.vision.knn import extract_features, knn_accuracy
 
 PROBE_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, as the reference probe uses
 
 
-def run(ctx: Any) -> None:
+def run(ctx: MethodContext[EvalSpec]) -> None:
     """Platform entry point: read the checkpoint input, load the dataset at its image size, ``evaluate``."""
     spec = ctx.spec
-    if not isinstance(spec, EvalSpec):
-        raise JobConfigError(f"eval got a {type(spec).__name__} spec")
     entry = ((ctx.inputs or {}).get("checkpoints") or {}).get("checkpoint")
     if not entry or not entry.get("path"):
         raise JobConfigError("the job has no 'checkpoint' input; the platform resolves the spec's checkpoint "
@@ -77,7 +77,7 @@ def labelled_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
 
 
 def evaluate(spec: EvalSpec, dataset: ImageDataset, checkpoint: str | Path | Mapping[str, Any], *,
-             ctx: Any | None = None, device: torch.device | None = None) -> dict[str, float]:
+             ctx: MethodContext[EvalSpec] | None = None, device: torch.device | None = None) -> dict[str, float]:
     """Evaluate a model checkpoint's backbone on ``dataset``; returns (and ``ctx.set_result``s) the numbers.
 
     Raises:
@@ -86,8 +86,7 @@ def evaluate(spec: EvalSpec, dataset: ImageDataset, checkpoint: str | Path | Map
         Preempted: a stop was requested; the probe was checkpointed first.
     """
     ctx = ctx if ctx is not None else LocalContext(spec)
-    if len(dataset.test_images) == 0:
-        raise JobConfigError("the dataset has no test images to evaluate on")
+    check_dataset_fits(spec, dataset, evaluation="the evaluation")
     dev.configure_threads()
     device = device or dev.select_device()
     dev.configure_backend(device)
@@ -105,10 +104,11 @@ def evaluate(spec: EvalSpec, dataset: ImageDataset, checkpoint: str | Path | Map
             f"{len(subset)} labelled train images ({spec.train_fraction:g} of {len(dataset.train_labels)}), "
             f"{len(dataset.test_labels)} test images")
 
+    # Read here for its k-NN numbers (and refused early, before feature extraction, when it does not fit);
+    # the probe's loop resumes from it.
     state = ctx.load_checkpoint()
     if state is not None:
         check_resumable(state, spec, required=("probe", "epoch", "knn"), what="eval")
-        ctx.log(f"resumed from the probe checkpoint of epoch {state['epoch']}")
 
     # Features of the frozen backbone with the evaluation transform: the k-NN database/queries and the
     # probe's standardisation statistics (and its training inputs when augmentation is off).
@@ -143,18 +143,15 @@ def evaluate(spec: EvalSpec, dataset: ImageDataset, checkpoint: str | Path | Map
                       "classes": dataset.classes, "checkpoint": spec.checkpoint, "model": meta,
                       "head": "l2-normalize -> standardize (train statistics) -> linear"}
 
-        def save(probe_state: dict[str, Any], epoch: int, final: bool) -> None:
-            ctx.save_checkpoint(probe_state | {"knn": knn, "probe_meta": probe_meta}, epoch=epoch, step=epoch,
-                                final=final)
-
-        probe = train_probe(data, opts, encoder=encoder, ctx=ctx, device=device, seed=spec.seed,
-                            state=state, amp_dtype=amp, memory_format=fmt, num_workers=spec.num_workers, save=save)
+        probe = train_probe(data, opts, encoder=encoder, ctx=ctx, device=device, seed=spec.seed, amp_dtype=amp,
+                            memory_format=fmt, num_workers=spec.num_workers,
+                            extra_state={"knn": knn, "probe_meta": probe_meta})
         result |= {"linear_top1": probe.last_top1, "linear_top1_best": probe.best_top1,
                    "linear_top1_best_epoch": float(probe.best_epoch)}
         ctx.log(f"linear probe: last epoch {probe.last_top1:.4f}, best {probe.best_top1:.4f} "
                 f"(epoch {probe.best_epoch}; selected on the test set, for reference only)")
         assert probe.probe is not None
-        out_dir = Path(getattr(ctx, "workdir", None) or tempfile.mkdtemp(prefix="crucible-probe-"))
+        out_dir = Path(ctx.workdir or tempfile.mkdtemp(prefix="crucible-probe-"))
         path = out_dir / "linear_probe.pt"
         torch.save({"probe": {k: v.cpu() for k, v in probe.probe.state_dict().items()}, "meta": probe_meta}, path)
         ctx.save_artifact(path, name="linear-probe", artifact_kind="model",

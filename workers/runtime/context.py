@@ -21,7 +21,9 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, cast
+
+from typing_extensions import TypeVar
 
 from shared.specs import JobSpecBase, parse_spec
 from workers.runtime.protocol import JOB_FILE, encode_event
@@ -35,7 +37,13 @@ class JobConfigError(Exception):
     """The job cannot run as specified (e.g. a dataset too small for the bank); not retried."""
 
 
-class JobContext:
+# The default keeps ``JobContext(workdir)`` (kind known only at run time) a ``JobContext[JobSpecBase]``.
+SpecT = TypeVar("SpecT", bound=JobSpecBase, default=JobSpecBase)
+
+
+class JobContext(Generic[SpecT]):
+    """Implements ``workers.common.context.MethodContext[SpecT]``; ``SpecT`` is the spec model of ``kind``."""
+
     def __init__(self, workdir: Path, *, emit: Callable[[str], None] | None = None,
                  store: Any | None = None) -> None:
         self.workdir = Path(workdir)
@@ -43,7 +51,7 @@ class JobContext:
         self.job_id: str = job["job_id"]
         self.attempt: int = int(job["attempt"])
         self.kind: str = job["kind"]
-        self.spec: JobSpecBase = parse_spec(job["spec"])
+        self.spec: SpecT = cast(SpecT, parse_spec(job["spec"]))  # the kind registry ties kind to spec type
         self.inputs: dict[str, Any] = job.get("inputs", {})
         resume = job.get("resume") or {}
         self.resume_path: Path | None = Path(resume["path"]) if resume.get("path") else None

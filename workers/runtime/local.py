@@ -1,4 +1,4 @@
-"""``LocalContext``: the ``JobContext`` interface for calling a training function outside the platform.
+"""``LocalContext``: the ``MethodContext`` protocol for calling a training function outside the platform.
 
 Benchmarks, notebooks and tests call e.g. ``workers.ssl_trainer.train.train(spec, dataset)`` directly.
 This stand-in keeps metrics, progress and the result in memory, logs through ``logging``, and keeps
@@ -11,20 +11,23 @@ import io
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from workers.runtime.context import Preempted
 
 log = logging.getLogger("crucible.local")
+SpecT = TypeVar("SpecT")
 
 
-class LocalContext:
-    """Same methods as ``JobContext``; ``resume`` is a checkpoint dict (or a path to one) to start from."""
+class LocalContext(Generic[SpecT]):
+    """A ``MethodContext[SpecT]`` like ``JobContext``; ``resume`` is a checkpoint dict (or a path to one) to start
+    from; ``workdir`` is where methods put files they upload (default: a temporary directory of their own)."""
 
-    def __init__(self, spec: Any, *, inputs: dict[str, Any] | None = None, checkpoint_dir: Path | None = None,
-                 resume: dict[str, Any] | Path | None = None) -> None:
+    def __init__(self, spec: SpecT, *, inputs: dict[str, Any] | None = None, checkpoint_dir: Path | None = None,
+                 resume: dict[str, Any] | Path | None = None, workdir: Path | None = None) -> None:
         self.spec = spec
         self.inputs = inputs or {}
+        self.workdir = Path(workdir) if workdir else None
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self._resume = resume
         self.stop_requested = False
@@ -80,13 +83,15 @@ class LocalContext:
 
         record = self.checkpoints[i]
         source = record["path"] if "path" in record else io.BytesIO(record["data"])
-        return torch.load(source, map_location="cpu", weights_only=False)
+        state: dict[str, Any] = torch.load(source, map_location="cpu", weights_only=False)
+        return state
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         if isinstance(self._resume, Path):
             import torch
 
-            return torch.load(self._resume, map_location="cpu", weights_only=False)
+            state: dict[str, Any] = torch.load(self._resume, map_location="cpu", weights_only=False)
+            return state
         return self._resume
 
     def save_artifact(self, path: Path, *, name: str, artifact_kind: str = "file",

@@ -7,7 +7,8 @@ The four reference repositories are forks of one script; what they share is made
   start of every step, constant m, always in train mode);
 * ``bank`` - FIFO memory bank of L2-normalised target embeddings (1.5), written with the GLOBAL batch
   (``push_global`` all-gathers under DDP so every rank holds the same bank);
-* the two-view data, per-epoch LR, checkpoint-with-config and evaluation live in ``train.py``.
+* the two-view data and the k-NN evaluation live in ``train.py``; per-epoch LR, checkpoints with the config,
+  resume, preemption and DDP in the shared loop (``workers.common.loop``).
 
 A method subclasses ``BankMethod`` and implements ``step(view_target, view_online, labels, indices)``; the
 loop does backward and the optimiser step, then calls the hooks. Anything a method must carry across a

@@ -1,6 +1,6 @@
 """Registry of ssl-train methods: ``spec.method`` -> class with ``from_spec(spec, setup)``.
 
-Every class is a ``BankMethod`` (``base.py``): the loop in ``train.py`` only calls ``step`` and the hooks,
+Every class is a ``BankMethod`` (``base.py``): ``train.py`` (on the shared loop) only calls ``step`` and the hooks,
 so adding a method means writing its class and one line here.
 """
 

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
 
 from shared.data import DatasetError, ImageDataset, load_dataset
+from workers.common.context import MethodContext
 from workers.runtime.context import JobConfigError
 from workers.vision.augment import EvalTransform, ViewTransform
 
@@ -126,8 +127,9 @@ def _seed_worker(worker_id: int) -> None:
         info.dataset.reseed(info.seed % (2**63 - 1))
 
 
-def train_loader(dataset: TwoViewDataset, batch_size: int, *, seed: int, epoch: int, num_workers: int = 0,
-                 pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader[Any]:
+def train_loader(dataset: TwoViewDataset | OneViewDataset, batch_size: int, *, seed: int, epoch: int,
+                 num_workers: int = 0, pin_memory: bool = False, rank: int = 0,
+                 world_size: int = 1) -> DataLoader[Any]:
     """Shuffled, ``drop_last=True`` loader for one epoch (banks need full batches: K % B == 0).
 
     With ``world_size > 1`` (DDP) ``batch_size`` is this process's share of the global batch and a
@@ -159,7 +161,7 @@ def eval_loader(dataset: EvalDataset, batch_size: int = 512, *, num_workers: int
                       collate_fn=collated, pin_memory=pin_memory)
 
 
-def load_job_dataset(ctx: Any, *, image_size: int) -> ImageDataset:
+def load_job_dataset(ctx: MethodContext[Any], *, image_size: int) -> ImageDataset:
     """The job's dataset (the platform-resolved ``ctx.inputs["dataset"]``, else ``spec.dataset``) at
     ``image_size`` with the spec's train/test limits; logs its size. A dataset that does not load is the
     user's config, not a crash: ``JobConfigError``."""
@@ -172,3 +174,26 @@ def load_job_dataset(ctx: Any, *, image_size: int) -> ImageDataset:
     ctx.log(f"dataset {dataset.name}: {len(dataset.train_images)} train / {len(dataset.test_images)} test "
             f"images, {dataset.num_classes} classes, {dataset.image_size}px")
     return dataset
+
+
+def check_dataset_fits(spec: Any, dataset: ImageDataset, *, evaluation: str = "the k-NN evaluation") -> None:
+    """Refuse a spec the loaded dataset cannot serve, with the fix in the message (``JobConfigError``).
+
+    The rules (batch or bank larger than the training set, too many clusters, ...) live in one place, the
+    spec's ``dataset_problems`` - the API applies them at submit when the dataset's size is known; this applies
+    them to the dataset the worker actually loaded (a builtin, a limit, a dataset whose size was unknown) -
+    plus the test images every job here evaluates on.
+    """
+    problems = spec.dataset_problems(len(dataset.train_images)) if hasattr(spec, "dataset_problems") else []
+    if problems:
+        raise JobConfigError("; ".join(_problem_text(spec, loc, msg) for loc, msg in problems))
+    if len(dataset.test_images) == 0:
+        raise JobConfigError(f"the dataset has no test images for {evaluation}; use a dataset with a test split")
+
+
+def _problem_text(spec: Any, loc: str, msg: str) -> str:
+    """``bank_size=128 exceeds ...`` when the message starts with the field's value, else ``field: message``."""
+    value: Any = spec
+    for part in loc.split("."):
+        value = getattr(value, part, None)
+    return f"{loc}={msg}" if value is not None and msg.startswith(str(value)) else f"{loc}: {msg}"
