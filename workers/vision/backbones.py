@@ -77,18 +77,29 @@ class ResNetBackbone(ResNet, Backbone):
     """torchvision ``ResNet`` without the classifier; ``stem="cifar"``: 3x3/1 conv, no max-pool."""
 
     family = "resnet"
+    # torchvision's submodules, declared for the type checker (nn.Module's __getattr__ would hide them)
+    conv1: nn.Module
+    bn1: nn.Module
+    relu: nn.Module
+    maxpool: nn.Module
+    layer1: nn.Module
+    layer2: nn.Module
+    layer3: nn.Module
+    layer4: nn.Module
+    avgpool: nn.Module
+    fc: nn.Module
 
     def __init__(self, name: str, *, stem: str = "cifar") -> None:
         block, layers, kwargs = _RESNETS[name]
         super().__init__(block, layers, **kwargs)
         self.name = name
-        self.out_dim = int(self.fc.in_features)
-        self.fc = nn.Identity()  # type: ignore[assignment]  # the feature extractor has no classifier
+        self.out_dim = 512 * block.expansion
+        self.fc = nn.Identity()  # the feature extractor has no classifier
         if stem == "cifar":
             self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
             # Same init torchvision (and the reference) use for every conv: normal(0, sqrt(2 / (k*k*out))).
             nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
-            self.maxpool = nn.Identity()  # type: ignore[assignment]  # 32-px inputs keep their resolution
+            self.maxpool = nn.Identity()  # 32-px inputs keep their resolution
 
     def extract(self, x: Tensor, *, attentions: bool = False) -> BackboneFeatures:
         if attentions:

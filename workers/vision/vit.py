@@ -51,17 +51,17 @@ class ViTBackbone(VisionTransformer, Backbone):
 
     @contextmanager
     def _explicit_attention(self, sink: list[Tensor]) -> Iterator[None]:
-        fused = [blk.attn.fused_attn for blk in self.blocks]
+        attns: list[Any] = [blk.attn for blk in self.blocks]  # timm's Attention modules (untyped)
+        fused = [a.fused_attn for a in attns]
         handles = []
-        for blk in self.blocks:
-            blk.attn.fused_attn = False
-            handles.append(blk.attn.attn_drop.register_forward_hook(
-                lambda _m, inputs, _out: sink.append(inputs[0])))
+        for a in attns:
+            a.fused_attn = False
+            handles.append(a.attn_drop.register_forward_hook(lambda _m, inputs, _out: sink.append(inputs[0])))
         try:
             yield
         finally:
-            for blk, was, h in zip(self.blocks, fused, handles, strict=True):
-                blk.attn.fused_attn = was
+            for a, was, h in zip(attns, fused, handles, strict=True):
+                a.fused_attn = was
                 h.remove()
 
     def extract(self, x: Tensor, *, attentions: bool = False) -> BackboneFeatures:
@@ -85,4 +85,5 @@ class ViTBackbone(VisionTransformer, Backbone):
 
     @property
     def cam_layer(self) -> nn.Module:
-        return self.blocks[-1].norm1  # type: ignore[no-any-return]  # PatchSearch's ViT target layer
+        last: Any = self.blocks[-1]
+        return last.norm1  # type: ignore[no-any-return]  # timm is untyped; PatchSearch's ViT target layer
