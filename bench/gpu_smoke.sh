@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a session that is lent a device machine (see README "GPU checks"). It installs the
-# worker stack (faiss-gpu as in the image), confirms CUDA is used with AMP + channels_last, trains MSF/BYOL on a
-# ResNet-18 and MSF on a tiny ViT for a few steps, runs the unit tests (the `gpu` ones included), and runs the
-# MSF performance benchmark on the GPU. Everything it prints is written to $OUT/gpu_smoke.log.
+# worker stack, confirms CUDA is used with AMP + channels_last, trains MSF/BYOL for a few steps on the CIFAR stem,
+# and runs the MSF performance benchmark on the GPU. Everything it prints is written to $OUT/gpu_smoke.log.
 #   run with: bash bench/gpu_smoke.sh        (about 5 minutes on an H100/H200, most of it pip)
 set -euo pipefail
 OUT="${OUT:-/tmp/gpu-smoke}"
