@@ -141,6 +141,15 @@ def test_vit_extract_tokens_maps_and_attention_probabilities() -> None:
     assert all(g.shape == (3, 4, T, T) and g.abs().sum() > 0 for g in grads)
     assert model.cam_layer is model.blocks[-1].norm1
     assert model.extract(x).attentions is None
+    # Grad-CAM on a ViT (PatchSearch): hook cam_layer, fold its tokens onto the patch grid
+    cam: list[torch.Tensor] = []
+    handle = model.cam_layer.register_forward_hook(lambda _m, _in, o: cam.append(o))
+    pooled = model(x)
+    handle.remove()
+    (g,) = torch.autograd.grad(pooled.sum(), cam[0])
+    folded, folded_g = model.to_map(cam[0], (32, 32)), model.to_map(g, (32, 32))
+    assert folded.shape == folded_g.shape == (3, 64, 8, 8) and folded_g.abs().sum() > 0
+    torch.testing.assert_close(folded[:, :, 7, 0], cam[0][:, 1 + 7 * 8])
 
 
 def test_vit_takes_other_sizes_and_rejects_non_multiples() -> None:

@@ -9,7 +9,8 @@ Every backbone is an ``nn.Module`` subclass of :class:`Backbone`:
   request, the attention probabilities ``[B, heads, T, T]`` (rows sum to 1). Nothing is detached: Grad-CAM
   and attention-gradient rollout differentiate through them;
 * ``model.cam_layer`` - the module whose output Grad-CAM reads (ResNet ``layer4``; ViT ``blocks[-1].norm1``,
-  as PatchSearch), ``model.family`` and ``model.name``.
+  as PatchSearch) and ``model.to_map(activation, (H, W))``, which folds a ViT's ``[B, T, D]`` tokens into
+  ``[B, D, H/p, W/p]`` (prefix tokens dropped; a CNN's map is returned as is); ``model.family``, ``model.name``.
 
 ResNets are torchvision's ``ResNet`` class itself (``fc`` = Identity), so state-dict keys are exactly
 torchvision's (``conv1.weight``, ``layer1.0.bn1.running_mean`` ...) and every checkpoint written before this
@@ -71,6 +72,10 @@ class Backbone(nn.Module):
     @property
     def cam_layer(self) -> nn.Module:
         raise NotImplementedError
+
+    def to_map(self, activation: Tensor, image_hw: tuple[int, int]) -> Tensor:
+        """``cam_layer``'s output (or any block's) as a ``[B, C, h, w]`` map for an input of ``image_hw``."""
+        return activation
 
 
 class ResNetBackbone(ResNet, Backbone):

@@ -78,10 +78,16 @@ class ViTBackbone(VisionTransformer, Backbone):
         finally:
             for h in handles:
                 h.remove()
-        gh, gw = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
-        maps = [t[:, self.num_prefix_tokens:].transpose(1, 2).reshape(t.shape[0], t.shape[-1], gh, gw)
-                for t in tokens]
+        hw = (x.shape[-2], x.shape[-1])
+        maps = [self.to_map(t, hw) for t in tokens]
         return BackboneFeatures(pooled=pooled, maps=maps, tokens=tokens, attentions=probs if attentions else None)
+
+    def to_map(self, activation: Tensor, image_hw: tuple[int, int]) -> Tensor:
+        gh, gw = image_hw[0] // self.patch_size, image_hw[1] // self.patch_size
+        patches = activation[:, self.num_prefix_tokens:]
+        if patches.shape[1] != gh * gw:
+            raise ValueError(f"{patches.shape[1]} patch tokens do not fill a {gh}x{gw} grid for {image_hw} px")
+        return patches.transpose(1, 2).reshape(activation.shape[0], activation.shape[-1], gh, gw)
 
     @property
     def cam_layer(self) -> nn.Module:
