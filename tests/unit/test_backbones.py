@@ -186,7 +186,7 @@ VIT_SPEC: dict[str, Any] = {
 }
 
 
-def test_msf_trains_a_vit_for_an_epoch_and_eval_reads_its_checkpoint(tmp_path: Path) -> None:
+def test_msf_trains_a_vit_for_an_epoch_and_eval_and_distill_read_its_checkpoint(tmp_path: Path) -> None:
     from shared.data import load_dataset
     from workers.evaluator.run import evaluate
     from workers.runtime.local import LocalContext
@@ -212,3 +212,15 @@ def test_msf_trains_a_vit_for_an_epoch_and_eval_reads_its_checkpoint(tmp_path: P
     scores = evaluate(eval_spec, data, final, ctx=LocalContext(eval_spec, checkpoint_dir=tmp_path / "eval"))
     assert scores["knn_top1_k1"] == pytest.approx(result["knn_top1_k1"])  # same features, same k-NN
     assert 0 <= scores["linear_top1"] <= 1
+
+    # ... and distill reads it as a teacher for a ViT student
+    from workers.distiller.train import train as distill
+
+    dspec = DistillSpec.model_validate({
+        "kind": "distill", "method": "simreg", "teachers": [f"job:{JOB}"], "dataset": spec.dataset, "limit_train": 64,
+        "limit_test": 32, "image_size": 16, "backbone": "vit_micro_p4", "batch_size": 32, "epochs": 1, "knn_k": [1]})
+    dctx = LocalContext(dspec, checkpoint_dir=tmp_path / "distill")
+    distilled = distill(dspec, data, [final], ctx=dctx)
+    assert distilled["teacher0_knn_top1_k1"] == pytest.approx(result["knn_top1_k1"]) and distilled["final_loss"] > 0
+    student = torch.load(dctx.checkpoints[-1]["path"], weights_only=False)
+    assert student["meta"]["backbone"] == "vit_micro_p4" and "cls_token" in student["backbone"]
