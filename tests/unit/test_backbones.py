@@ -112,6 +112,7 @@ def test_vit_extract_tokens_maps_and_attention_probabilities() -> None:
     torch.manual_seed(0)
     model = create_backbone("vit_micro_p4").eval()
     x = torch.randn(3, 3, 32, 32, requires_grad=True)
+    fused = [blk.attn.fused_attn for blk in model.blocks]
     out = model.extract(x, attentions=True)
     T = 1 + 8 * 8  # CLS + 8x8 patches of 4 px
     assert out.pooled.shape == (3, 64) and len(out.tokens or []) == len(out.attentions or []) == len(out.maps) == 4
@@ -124,7 +125,7 @@ def test_vit_extract_tokens_maps_and_attention_probabilities() -> None:
         torch.testing.assert_close(a.sum(-1), torch.ones(3, 4, T))
     # the same pooled feature as the (fused-attention) forward; the explicit path was only for this call
     torch.testing.assert_close(out.pooled, model(x), rtol=1e-4, atol=1e-5)
-    assert all(blk.attn.fused_attn for blk in model.blocks)
+    assert [blk.attn.fused_attn for blk in model.blocks] == fused
     # the maps are the patch tokens folded onto their grid (row-major), CLS dropped
     torch.testing.assert_close(out.maps[1][:, :, 2, 5], out.tokens[1][:, 1 + 2 * 8 + 5])  # type: ignore[index]
     # block 0's probabilities are softmax(q k^T / sqrt(d)) of its own qkv projection
@@ -224,3 +225,18 @@ def test_msf_trains_a_vit_for_an_epoch_and_eval_and_distill_read_its_checkpoint(
     assert distilled["teacher0_knn_top1_k1"] == pytest.approx(result["knn_top1_k1"]) and distilled["final_loss"] > 0
     student = torch.load(dctx.checkpoints[-1]["path"], weights_only=False)
     assert student["meta"]["backbone"] == "vit_micro_p4" and "cls_token" in student["backbone"]
+
+
+@pytest.mark.gpu
+def test_vit_attention_on_cuda_under_autocast() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model = create_backbone("vit_small_p16").cuda().eval()
+    x = torch.randn(2, 3, 224, 224, device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = model.extract(x, attentions=True)
+        fused = model(x)
+    attn = out.attentions or []
+    assert len(attn) == 12 and attn[0].shape == (2, 6, 197, 197)
+    torch.testing.assert_close(attn[-1].float().sum(-1), torch.ones(2, 6, 197, device="cuda"), atol=2e-2, rtol=0)
+    torch.testing.assert_close(out.pooled.float(), fused.float(), atol=5e-2, rtol=5e-2)
