@@ -74,6 +74,10 @@ if set(get_args(Backbone)) != set(BACKBONES):  # the Literal (for the JSON schem
 Stem = Literal["cifar", "imagenet"]
 
 
+_BACKBONE_HELP = "ResNets: image_size 8-512; ViTs (timm, vit_<size>_p<patch>; sides a multiple of the patch): " + \
+    ", ".join(f"{n} {i.min_image_size}-{i.max_image_size}" for n, i in BACKBONES.items() if i.vit)
+
+
 def backbone_info(name: str) -> BackboneInfo:
     """The registry row of ``name``; a ValueError naming the known backbones otherwise."""
     try:
@@ -107,8 +111,7 @@ class VisionTrainingSpec(JobSpecBase):
     image_size: int = Field(32, ge=8, le=512)
 
     # --- model ---
-    backbone: Backbone = Field("resnet18", description="a ResNet (any size) or a ViT (vit_<width>_p<patch>; "
-                                                       "image_size must suit it, see shared/specs/vision.py)")
+    backbone: Backbone = Field("resnet18", description=_BACKBONE_HELP)
     stem: Stem = Field("cifar", description="cifar: 3x3 stride-1 conv, no max-pool (32-px inputs); "
                                             "imagenet: the torchvision stem")
 
