@@ -2,14 +2,102 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple, get_args
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from shared.specs.common import JobSpecBase, validate_dataset_ref, validate_knn_k
 
-Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2"]
+# --- the backbone registry ------------------------------------------------------------------------------
+# One table, torch-free so that importing the specs stays cheap: the spec fields validate against it and the
+# factory (workers/vision/backbones.py) builds from it; tests/unit/test_backbones.py asserts both agree.
+
+
+class ViTArch(NamedTuple):
+    """A timm ``VisionTransformer`` (CLS-token pooling, pre-norm blocks)."""
+
+    patch_size: int
+    depth: int
+    heads: int
+    native_size: int  # the position embedding is learnt on this grid; other sizes resample it (bicubic)
+    mlp_ratio: float = 4.0
+
+
+class BackboneInfo(NamedTuple):
+    family: Literal["resnet", "vit"]
+    feature_dim: int  # width D of the pooled feature
+    min_image_size: int
+    max_image_size: int
+    vit: ViTArch | None = None
+    note: str = ""
+
+    @property
+    def size_step(self) -> int:
+        """Image sides must be a multiple of this (a ViT's patch size; 1 for a ResNet)."""
+        return self.vit.patch_size if self.vit else 1
+
+
+def _vit(dim: int, depth: int, heads: int, patch: int, native: int, lo: int, hi: int, note: str) -> BackboneInfo:
+    return BackboneInfo("vit", dim, lo, hi, ViTArch(patch, depth, heads, native), note)
+
+
+BACKBONES: dict[str, BackboneInfo] = {
+    # torchvision ResNets (+ resnet10, one BasicBlock per stage: the PatchSearch poison classifier)
+    "resnet10": BackboneInfo("resnet", 512, 8, 512, note="BasicBlock x [1,1,1,1]"),
+    "resnet18": BackboneInfo("resnet", 512, 8, 512),
+    "resnet34": BackboneInfo("resnet", 512, 8, 512),
+    "resnet50": BackboneInfo("resnet", 2048, 8, 512),
+    "resnet101": BackboneInfo("resnet", 2048, 8, 512),
+    "resnet152": BackboneInfo("resnet", 2048, 8, 512),
+    "wide_resnet50_2": BackboneInfo("resnet", 2048, 8, 512),
+    # ViTs for 8-128 px on CPU: "micro" = width 64, depth 4, 4 heads (~0.2M parameters, the toy ViT of the
+    # backdoor studies); "tiny" = ViT-Ti/DeiT-T widths (192, 12 blocks, 3 heads). pN = N-pixel patches.
+    "vit_micro_p2": _vit(64, 4, 4, 2, 16, 8, 32, "64 tokens at 16 px"),
+    "vit_micro_p4": _vit(64, 4, 4, 4, 32, 16, 64, "64 tokens at 32 px"),
+    "vit_micro_p8": _vit(64, 4, 4, 8, 64, 32, 128, "64 tokens at 64 px"),
+    "vit_tiny_p4": _vit(192, 12, 3, 4, 32, 16, 64, "ViT-Ti widths, 64 tokens at 32 px"),
+    "vit_tiny_p8": _vit(192, 12, 3, 8, 64, 32, 128, "ViT-Ti widths, 64 tokens at 64 px"),
+    # the standard ViTs (GPU): ViT-Ti/16 (DeiT-T), ViT-S/16, ViT-B/16 at 224 px
+    "vit_tiny_p16": _vit(192, 12, 3, 16, 224, 64, 512, "ViT-Ti/16"),
+    "vit_small_p16": _vit(384, 12, 6, 16, 224, 64, 512, "ViT-S/16"),
+    "vit_base_p16": _vit(768, 12, 12, 16, 224, 64, 512, "ViT-B/16"),
+}
+
+Backbone = Literal[
+    "resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2",
+    "vit_micro_p2", "vit_micro_p4", "vit_micro_p8", "vit_tiny_p4", "vit_tiny_p8",
+    "vit_tiny_p16", "vit_small_p16", "vit_base_p16",
+]
+if set(get_args(Backbone)) != set(BACKBONES):  # the Literal (for the JSON schema) must list the table
+    raise RuntimeError(f"shared.specs.vision: Backbone lists {sorted(get_args(Backbone))}, "
+                       f"the table {sorted(BACKBONES)}")
 Stem = Literal["cifar", "imagenet"]
+
+
+_BACKBONE_HELP = "ResNets: image_size 8-512; ViTs (timm, vit_<size>_p<patch>; sides a multiple of the patch): " + \
+    ", ".join(f"{n} {i.min_image_size}-{i.max_image_size}" for n, i in BACKBONES.items() if i.vit)
+
+
+def backbone_info(name: str) -> BackboneInfo:
+    """The registry row of ``name``; a ValueError naming the known backbones otherwise."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
+
+
+def image_size_problem(name: str, image_size: int) -> str | None:
+    """Why ``image_size`` does not suit backbone ``name`` (None when it does)."""
+    info = backbone_info(name)
+    step = info.size_step
+    if not info.min_image_size <= image_size <= info.max_image_size or image_size % step:
+        sizes = f"{info.min_image_size}-{info.max_image_size} px" + (f", a multiple of its patch size {step}"
+                                                                     if step > 1 else "")
+        near = [n for n, i in BACKBONES.items() if i.family == info.family and i.min_image_size <= image_size
+                <= i.max_image_size and image_size % i.size_step == 0]
+        hint = f"; for {image_size} px try {', '.join(near)}" if near else ""
+        return f"{name} takes image_size {sizes}, got {image_size}{hint}"
+    return None
 
 
 class VisionTrainingSpec(JobSpecBase):
@@ -23,7 +111,7 @@ class VisionTrainingSpec(JobSpecBase):
     image_size: int = Field(32, ge=8, le=512)
 
     # --- model ---
-    backbone: Backbone = "resnet18"
+    backbone: Backbone = Field("resnet18", description=_BACKBONE_HELP)
     stem: Stem = Field("cifar", description="cifar: 3x3 stride-1 conv, no max-pool (32-px inputs); "
                                             "imagenet: the torchvision stem")
 
@@ -64,6 +152,23 @@ class VisionTrainingSpec(JobSpecBase):
     @classmethod
     def _dataset(cls, v: str) -> str:
         return validate_dataset_ref(v)
+
+    @field_validator("backbone")
+    @classmethod
+    def _backbone_fits(cls, v: str, info: ValidationInfo) -> str:
+        size = info.data.get("image_size")
+        problem = image_size_problem(v, size) if size is not None else None
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("stem")
+    @classmethod
+    def _stem(cls, v: str, info: ValidationInfo) -> str:
+        name = info.data.get("backbone")
+        if v != "cifar" and name is not None and BACKBONES[name].family != "resnet":
+            raise ValueError(f"{name} is a ViT: the stem applies to ResNets only (leave it at 'cifar')")
+        return v
 
     @field_validator("knn_k")
     @classmethod

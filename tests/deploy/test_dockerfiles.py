@@ -101,6 +101,17 @@ def test_control_plane_has_no_torch_and_the_worker_pins_it_like_pyproject():
     assert '".[worker]"' in DOCKERFILES["worker"].read_text()
 
 
+def test_worker_image_swaps_faiss_cpu_for_the_pinned_faiss_gpu():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "faiss-cpu==1.15.1" in extras["worker"] and extras["worker-gpu"] == ["faiss-gpu==1.15.1"]
+    args = arg_defaults(instructions(DOCKERFILES["worker"]))
+    assert args["FAISS_GPU_VERSION"] == "1.15.1"
+    (install,) = [a for op, a in instructions(DOCKERFILES["worker"]) if op == "RUN" and '".[worker]"' in a]
+    steps = [s.strip() for s in install.split("&&")]
+    uninstall = steps.index("pip uninstall --yes faiss-cpu")
+    assert steps.index('pip install --no-cache-dir "faiss-gpu==${FAISS_GPU_VERSION}"') == uninstall + 1
+
+
 def test_worker_image_does_not_expose_all_gpus():
     # NVIDIA_VISIBLE_DEVICES=all in an image hands every GPU of a node to a pod that requested none.
     envs = [args for op, args in instructions(DOCKERFILES["worker"]) if op == "ENV"]

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from workers.common import faiss_ops
 from workers.common.distributed import Comm
 from workers.runtime.context import JobConfigError
 from workers.ssl_trainer.base import Pushed
@@ -254,16 +255,9 @@ class KMeansConstraint(Constraint):
 
 
 def run_kmeans(x: Tensor, k: int, *, iters: int, seed: int) -> tuple[Tensor, float]:
-    """FAISS k-means (L2, on unit rows as the reference) -> (cluster id per row, final objective)."""
-    import faiss  # deferred: only CMSF-KM needs it
-
-    data = np.ascontiguousarray(x.detach().float().cpu().numpy())
-    use_gpu = hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0
-    km = faiss.Kmeans(data.shape[1], k, niter=iters, seed=seed, verbose=False, gpu=use_gpu,
-                      min_points_per_centroid=1)
-    km.train(data)
-    _, assign = km.index.search(data, 1)
-    return torch.from_numpy(assign[:, 0].astype(np.int64)), float(km.obj[-1]) if len(km.obj) else 0.0
+    """FAISS k-means (L2, on unit rows as the reference; GPU when there is one) -> (cluster id per row, objective)."""
+    result = faiss_ops.kmeans(x, k, iters=iters, seed=seed)
+    return torch.from_numpy(result.assignments), result.objective
 
 
 # --- cross-modal embeddings ---------------------------------------------------------------------------

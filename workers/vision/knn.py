@@ -1,7 +1,8 @@
 """k-NN evaluation of a frozen backbone (ssl.md 1.9).
 
 Features: pooled backbone output (not the projection), eval mode, no grad, L2-normalised. Search:
-exact inner product with FAISS ``IndexFlatIP`` (== cosine on unit vectors == L2 order).
+exact inner product with a FAISS flat IP index (== cosine on unit vectors == L2 order), on the GPU when
+there is one (``workers.common.faiss_ops``).
 
 Two protocols, reported under different names because their numbers are not interchangeable:
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers.common import faiss_ops
 from workers.common.device import autocast
 from workers.vision.data import EvalDataset, eval_loader
 
@@ -54,13 +56,8 @@ def extract_features(backbone: nn.Module, dataset: EvalDataset, *, device: torch
 
 
 def search(train_feats: np.ndarray, query_feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` inner-product search: ``(similarities [Q, k], train indices [Q, k])``."""
-    import faiss  # deferred: only the evaluation needs it
-
-    index = faiss.IndexFlatIP(train_feats.shape[1])
-    index.add(np.ascontiguousarray(train_feats, dtype=np.float32))
-    sims, idx = index.search(np.ascontiguousarray(query_feats, dtype=np.float32), k)
-    return sims, idx
+    """Exact top-``k`` inner-product search: ``(similarities [Q, k], train indices [Q, k])`` (GPU when there is one)."""
+    return faiss_ops.search(train_feats, query_feats, k, metric="ip")
 
 
 def majority_vote(neighbour_labels: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.ndarray:
