@@ -83,4 +83,6 @@ class EvalSpec(JobSpecBase):
 
     def dataset_problems(self, train_images: int) -> list[tuple[str, str]]:
         n = min(train_images, self.limit_train or train_images)
-        return knn_problems(self.knn_k, max(1, int(n * self.train_fraction))) if "knn" in self.protocols else []
+        if "knn" not in self.protocols or "knn_k" not in self.model_fields_set:
+            return []  # the default [1, 20] is clamped on tiny datasets
+        return knn_problems(self.knn_k, max(1, int(n * self.train_fraction)))

@@ -101,4 +101,5 @@ class VisionTrainingSpec(JobSpecBase):
         n = min(train_images, self.limit_train or train_images)
         problems = [("batch_size", f"{self.batch_size} exceeds the {n} training images available")] \
             if self.batch_size > n else []
-        return problems + knn_problems(self.knn_k, n)
+        # only a k the user chose: the default [1, 20] is clamped on tiny datasets, as it always was
+        return problems + (knn_problems(self.knn_k, n) if "knn_k" in self.model_fields_set else [])
