@@ -78,8 +78,7 @@ def _check_json(value: Any, loc: list[str | int], depth: int = 0) -> None:
         for k, v in value.items():
             problem = string_problem(k)
             if problem:
-                raise _Rejected([*loc, k.encode("utf-8", "replace").decode()[:40]], f"the key {problem}",
-                                "string_type")
+                raise _Rejected(loc, f"a key {problem}", "string_type")
             _check_json(v, [*loc, k], depth + 1)
     elif isinstance(value, list):
         for i, v in enumerate(value):
@@ -141,6 +140,10 @@ class InputLimits:
             query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True,
                               encoding="utf-8", errors="surrogateescape")
             check_params(scope["path"], query)
+            last_event_id = headers.get("last-event-id", "")
+            if _INTEGER.fullmatch(last_event_id) and not -INT64 <= int(last_event_id) < INT64:
+                raise _Rejected(["header", "last-event-id"], "integer out of range (must fit in 64 bits)",
+                                "int_range")
             declared = headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
                 raise BodyTooLarge(limit, loc)

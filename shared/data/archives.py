@@ -206,6 +206,7 @@ def plan_layout(paths: Iterable[str]) -> Layout:
 _UNSUPPORTED_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"7z\xbc\xaf\x27\x1c": "7z", b"Rar!": "rar",
                       b"\x28\xb5\x2f\xfd": "zstd"}
 _TAR_MODES = {"tar": "r:", "tar.gz": "r:gz"}
+_TRAILER_BYTES = 64 * 1024
 _CORRUPT = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)
 
 
@@ -290,6 +291,12 @@ def _iter_raw(path: Path, fmt: str) -> Iterator[tuple[_Entry, Any]]:
             if not (m.isfile() or m.isdir()):
                 raise ArchiveError(f"entry {m.name!r} has an unsupported tar entry type {m.type!r}")
             yield _Entry(name, m.size if m.isfile() else 0, m.isdir()), (lambda m=m: tf.extractfile(m))
+        # tarfile ends quietly at the first header it cannot parse, so a corrupt stream could pass for a shorter
+        # archive: what follows the end must be zero padding (a few kB; more is not read).
+        assert tf.fileobj is not None
+        if tf.fileobj.read(_TRAILER_BYTES).strip(b"\0"):
+            raise ArchiveError("the archive has data after its last readable entry (a corrupt or truncated "
+                               "header); re-create and upload it again")
 
 
 def _verify_image(name: str, size: int, open_fn: Any) -> str | None:
@@ -298,7 +305,11 @@ def _verify_image(name: str, size: int, open_fn: Any) -> str | None:
         return f"{name!r} is {size / 1024**2:.0f} MiB, too large for a training image"
     try:
         with open_fn() as src:
-            data = src.read()
+            data = src.read(MAX_IMAGE_BYTES + 1)
+    except _CORRUPT as exc:  # the archive's own compression is broken, not just this image
+        raise ArchiveError(f"the archive is corrupt at {name!r} ({type(exc).__name__}: {str(exc)[:120]}); "
+                           "re-create and upload it again") from exc
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=["PNG", "JPEG", "BMP", "GIF", "WEBP"]) as im:
