@@ -38,7 +38,7 @@ class BodyTooLarge(Exception):
     def __init__(self, limit: int, loc: list[str]) -> None:
         super().__init__(f"the request body exceeds the {limit}-byte limit")
         self.limit = limit
-        self.loc = loc
+        self.loc: list[str | int] = list(loc)
 
 
 class _Rejected(Exception):
@@ -140,12 +140,16 @@ class InputLimits:
             query = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True,
                               encoding="utf-8", errors="surrogateescape")
             check_params(scope["path"], query)
+            for name, value in headers.items():  # servers refuse most of these; the in-process clients do not
+                problem = string_problem(value.replace("\t", " "))
+                if problem:
+                    raise _Rejected(["header", name[:40]], problem, "string_type")
             last_event_id = headers.get("last-event-id", "")
             if _INTEGER.fullmatch(last_event_id) and not -INT64 <= int(last_event_id) < INT64:
                 raise _Rejected(["header", "last-event-id"], "integer out of range (must fit in 64 bits)",
                                 "int_range")
             declared = headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
+            if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
                 raise BodyTooLarge(limit, loc)
             if ctype in _JSON_TYPES or ctype.endswith("+json"):
                 body = await _read_all(receive, limit, loc)

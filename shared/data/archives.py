@@ -35,7 +35,7 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 
@@ -205,7 +205,8 @@ def plan_layout(paths: Iterable[str]) -> Layout:
 
 _UNSUPPORTED_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"7z\xbc\xaf\x27\x1c": "7z", b"Rar!": "rar",
                       b"\x28\xb5\x2f\xfd": "zstd"}
-_TAR_MODES = {"tar": "r:", "tar.gz": "r:gz"}
+_TarMode = Literal["r:", "r:gz"]
+_TAR_MODES: dict[str, _TarMode] = {"tar": "r:", "tar.gz": "r:gz"}
 _TRAILER_BYTES = 64 * 1024
 _CORRUPT = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)
 
@@ -233,7 +234,7 @@ def detect_format(path: Path) -> str:
     raise ArchiveError("unsupported archive format; upload a .tar, .tar.gz/.tgz or .zip of an ImageFolder tree")
 
 
-def _is_tar(path: Path, mode: str) -> bool:
+def _is_tar(path: Path, mode: _TarMode) -> bool:
     try:
         with tarfile.open(path, mode) as tf:  # reads the first header only
             return tf.next() is not None
