@@ -15,6 +15,7 @@ what a project may see. The rules:
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ from sqlalchemy.orm import Session
 from shared.config import get_settings
 from shared.models import Project, StorageGrant
 from shared.storage import CAS_PREFIX
+
+log = logging.getLogger("crucible.datasets")
 
 # S3 bucket naming rules (3-63 characters: lowercase letters, digits, '.', '-'; alphanumeric at both ends).
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -74,8 +77,17 @@ def parse_location(uri: str) -> Location:
 def reserved_areas() -> list[Location]:
     """The platform's own areas: never granted, never registered."""
     settings = get_settings()
-    areas = [Location(settings.S3_BUCKET, p) for p in PLATFORM_AREAS]
-    return areas + [parse_location(u) for u in settings.RESERVED_STORAGE]
+    return [Location(settings.S3_BUCKET, p) for p in PLATFORM_AREAS] + \
+        [loc for u in settings.RESERVED_STORAGE if (loc := _configured(u)) is not None]
+
+
+def _configured(uri: str) -> Location | None:
+    """A location from the settings; a malformed one is logged and left out (it grants nothing)."""
+    try:
+        return parse_location(uri)
+    except ValueError as e:
+        log.error("ignoring malformed storage location %r in the settings: %s", uri, e)
+        return None
 
 
 def _all_grants(session: Session) -> list[tuple[str, Location]]:
@@ -84,7 +96,7 @@ def _all_grants(session: Session) -> list[tuple[str, Location]]:
                            .join(Project, Project.id == StorageGrant.project_id)).all()
     out = [(name, Location(bucket, prefix)) for name, bucket, prefix in rows]
     for name, uris in get_settings().STORAGE_GRANTS.items():
-        out += [(name, parse_location(u)) for u in uris]
+        out += [(name, loc) for u in uris if (loc := _configured(u)) is not None]
     return out
 
 
