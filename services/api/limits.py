@@ -2,7 +2,7 @@
 
 * Body size counts the bytes actually received, so a chunked body with no ``Content-Length`` is cut off at the
   limit as surely as one that declares its size. Uploads (multipart to the upload paths) get
-  ``MAX_UPLOAD_BYTES`` and stream through; every other body gets ``MAX_REQUEST_BYTES``.
+  ``MAX_UPLOAD_BYTES`` and stream through; every other body gets ``MAX_REQUEST_BYTES`` and is read here.
 * JSON bodies are read (bounded) and checked before the app sees them: UTF-8, no NaN/Infinity, no nesting
   deeper than ``MAX_JSON_DEPTH``, no string with a NUL, control character or lone surrogate (Postgres cannot
   store them), no integer outside signed 64 bits. The error names the offending field.
@@ -151,12 +151,13 @@ class InputLimits:
             declared = headers.get("content-length")
             if declared is not None and declared.isascii() and declared.isdigit() and int(declared) > limit:
                 raise BodyTooLarge(limit, loc)
-            if ctype in _JSON_TYPES or ctype.endswith("+json"):
-                body = await _read_all(receive, limit, loc)
-                check_json_body(body)
-                receive = _replay(body, receive)
-            else:
+            if upload:  # streams through to a spooled file; cut off by bytes received
                 receive = _counting(receive, limit, loc)
+            else:  # read here (bounded), so FastAPI's body parsing never sees an over-long stream
+                body = await _read_all(receive, limit, loc)
+                if ctype in _JSON_TYPES or ctype.endswith("+json"):
+                    check_json_body(body)
+                receive = _replay(body, receive)
         except _Rejected as e:
             await _error(e.status, e.loc, e.msg, e.type)(scope, receive, send)
             return

@@ -176,17 +176,17 @@ def _bz2_named_tar() -> bytes:
     return bz2.compress(b"\0" * 10_000_000)
 
 
-def _bomb() -> bytes:  # 1 MB of zeros in a few kB: far above the ratio limit
-    return make_tar({**imagefolder(), "README": b"\0" * 1_000_000})
+def _bomb() -> bytes:  # 8 MB of zeros in a few kB: far above the ratio limit
+    return make_tar({**imagefolder(), "README": b"\0" * 8_000_000})
 
 
 @pytest.mark.parametrize(("filename", "payload", "needle"), [
     ("data.zip", _zip_with_corrupt_deflate, "corrupt"),
-    ("data.tar.gz", _tgz_with_corrupt_gzip, "corrupt"),
+    # zeroed deflate bytes may still inflate (to garbage): then the image it lands in is what fails
+    ("data.tar.gz", _tgz_with_corrupt_gzip, ("corrupt", "not a readable image")),
     ("data.tar", _bz2_named_tar, "bzip2"),
     ("data.tar.gz", _bomb, "compression bomb"),
     ("..", lambda: make_tar(imagefolder()), "file name"),
-    ("a\x00.tar.gz", lambda: make_tar(imagefolder()), "file name"),
     ("x" * 300 + ".tar", lambda: make_tar(imagefolder()), "file name"),
 ])
 def test_hostile_archives_are_422_and_leave_nothing(client, auth, monkeypatch, filename, payload, needle,
@@ -195,7 +195,21 @@ def test_hostile_archives_are_422_and_leave_nothing(client, auth, monkeypatch, f
 
     monkeypatch.setattr(archives, "RATIO_FLOOR_BYTES", 0)  # so a small test bomb counts
     d = only_error(upload(client, auth, "hostile", payload(), filename))
-    assert d["loc"] == ["body", "file"] and needle in d["msg"], d
+    assert d["loc"] == ["body", "file"] and any(n in d["msg"] for n in ([needle] if isinstance(needle, str)
+                                                                      else needle)), d
+
+
+def test_upload_file_name_with_a_nul_byte_is_422(client, auth, untouched):
+    boundary = "b0undary"  # built by hand: httpx would percent-encode the NUL
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"name\"\r\n\r\nnul\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\x00.tar.gz\"\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n").encode() + make_tar(imagefolder()) + \
+        f"\r\n--{boundary}--\r\n".encode()
+    r = client.post("/v1/datasets", content=body,
+                    headers={**auth, "content-type": f"multipart/form-data; boundary={boundary}"})
+    assert r.status_code in (400, 422), r.text[:300]
+    if r.status_code == 422:
+        assert only_error(r)["loc"] == ["body", "file"]
 
 
 def test_multipart_name_must_fully_match(client, auth, untouched):
@@ -233,11 +247,11 @@ def test_concurrent_versions_of_one_name_get_409_not_500(stack):
         service._record(first, key="k1/", sha256="1" * 64, **kw)
 
         def second() -> None:
-            with session_scope() as s2:
-                try:
+            try:
+                with session_scope() as s2:  # rolled back on the way out, as a request's session is
                     service._record(s2, key="k2/", sha256="2" * 64, **kw)
-                except Conflict as e:
-                    outcome["error"] = e
+            except Conflict as e:
+                outcome["error"] = e
 
         t = threading.Thread(target=second)
         t.start()
