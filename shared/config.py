@@ -70,6 +70,17 @@ class Settings(BaseSettings):
     MAX_ARCHIVE_UNPACKED_BYTES: int = 8 * 1024**3
     MAX_GPUS_PER_JOB: int = 8
 
+    # --- input bounds and tenant storage (services/api/limits.py, services/datasets) ----------
+    MAX_REQUEST_BYTES: int = 1024**2  # any body that is not a dataset upload (JSON specs are a few kB)
+    MAX_ARCHIVE_RATIO: float = 100.0  # unpacked bytes per archive byte; above it the upload is a bomb
+    MAX_CONCURRENT_INSPECTIONS: int = 2  # archive inspections at once per API process; more get 503
+    # Extra to the grants in the storage_grants table (`crucible admin grant-storage`): project name ->
+    # ["s3://bucket/prefix/", ...] it may register datasets inside, e.g. '{"vision": ["s3://lab-data/vision/"]}'.
+    STORAGE_GRANTS: dict[str, list[str]] = Field(default_factory=dict)
+    # Never registrable, whatever is granted (besides the platform bucket's cas/ and mlflow-artifacts/).
+    RESERVED_STORAGE: list[str] = Field(default_factory=lambda: ["s3://mlflow/"])
+    SSE_MAX_SECONDS: float = 3600.0  # an event stream ends after this long; clients reconnect with Last-Event-ID
+
     @field_validator("DATABASE_URL")
     @classmethod
     def _normalise_db_url(cls, v: str) -> str:

@@ -13,9 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
+from services.api.limits import InputLimits
 from services.artifacts.router import router as artifacts_router
 from services.datasets.router import router as datasets_router
-from services.errors import DomainError
+from services.errors import MAX_MESSAGE_CHARS, DomainError, safe_input, short
 from services.health.router import router as health_router
 from services.jobs.router import router as jobs_router
 from services.metrics import install_metrics
@@ -34,22 +35,26 @@ def _operation_id(route: APIRoute) -> str:
 
 def clean_validation_errors(errors: Sequence[Any]) -> list[dict[str, Any]]:
     """Make pydantic's errors name the user's field: drop the union tag from ``loc`` (body.ssl-train.epochs →
-    body.epochs), point kind errors at ``kind``, and drop the 'Value error, ' prefix."""
+    body.epochs), point kind errors at ``kind``, and drop the 'Value error, ' prefix. What is echoed of the input
+    is short and JSON-safe (errors.safe_input): this handler must never fail on the input it reports."""
     from shared.specs import SPEC_MODELS
 
     out = []
     for err in errors:
-        e = {k: v for k, v in err.items() if k not in ("ctx", "url")}
-        loc = list(e.get("loc", ()))
+        e = {k: v for k, v in err.items() if k not in ("ctx", "url", "input")}
+        loc = [p if isinstance(p, int) else short(str(p)) for p in err.get("loc", ())]
         if len(loc) > 1 and loc[0] == "body" and loc[1] in SPEC_MODELS:
             loc.pop(1)
+        raw = err.get("input")
+        if "input" in err:
+            e["input"] = safe_input(raw)
         if e.get("type") in ("union_tag_invalid", "union_tag_not_found"):
             loc = ["body", "kind"]
-            got = (e.get("input") or {}).get("kind") if isinstance(e.get("input"), dict) else None
+            got = safe_input(raw.get("kind")) if isinstance(raw, dict) else None
             e["msg"] = (f"unknown job kind {got!r}" if got else "required: the job kind") + \
                 f"; one of: {', '.join(SPEC_MODELS)}"
         e["loc"] = loc
-        e["msg"] = str(e.get("msg", "")).removeprefix("Value error, ")
+        e["msg"] = short(str(e.get("msg", "")).removeprefix("Value error, "), MAX_MESSAGE_CHARS)
         out.append(e)
     return out
 
@@ -71,7 +76,7 @@ def create_app(*, check_schema: bool = True) -> FastAPI:
 
     @app.exception_handler(DomainError)
     async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
-        return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail()})
+        return JSONResponse(status_code=exc.status_code, content={"detail": exc.detail()}, headers=exc.headers())
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -82,5 +87,7 @@ def create_app(*, check_schema: bool = True) -> FastAPI:
     install_metrics(app)  # GET /metrics, GET /metrics/queues and the request-latency middleware
     for router in (projects_router, jobs_router, datasets_router, artifacts_router):
         app.include_router(router, prefix=API_PREFIX)
+    # Outermost of the app's own middleware: nothing reads a body or a parameter before it is bounded.
+    app.add_middleware(InputLimits, upload_paths=[f"{API_PREFIX}/datasets"])
     app.state.settings = get_settings()
     return app

@@ -23,9 +23,11 @@ app = typer.Typer(help="Crucible: submit and follow ML training jobs.", no_args_
 db_app = typer.Typer(help="Database schema (Alembic migrations).", no_args_is_help=True)
 keys_app = typer.Typer(help="Project-scoped API keys.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Upload, register and list datasets.", no_args_is_help=True)
+admin_app = typer.Typer(help="Operator commands (run where the database is reachable).", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(admin_app, name="admin")
 app.add_typer(probe_app, name="probe")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -138,6 +140,40 @@ def keys_revoke(prefix: Annotated[str, typer.Argument(help="the key, or its firs
     with session_scope() as s:
         n = revoke_key(session=s, prefix=prefix)
     typer.echo(f"revoked {n} key(s)")
+
+
+# --- admin (operators) ---------------------------------------------------------------------------------------------
+@admin_app.command("grant-storage")
+@friendly
+def admin_grant_storage(
+    project: Annotated[str, typer.Argument(help="project name")],
+    uri: Annotated[str, typer.Argument(help="s3://bucket/prefix/ the project may register datasets inside")],
+    revoke: Annotated[bool, typer.Option(help="withdraw the grant instead")] = False,
+) -> None:
+    """Let a project register datasets (existing prefixes) inside s3://bucket/prefix/; --revoke withdraws it."""
+    from services.datasets import storage
+    from shared.db import check_schema, session_scope
+
+    check_schema()
+    with session_scope() as s:
+        if revoke:
+            n = storage.revoke(session=s, project_name=project, uri=uri)
+            typer.echo(f"revoked {n} grant(s) of {storage.parse_location(uri).uri} for project {project}")
+            return
+        row = storage.grant(session=s, project_name=project, uri=uri)
+        typer.echo(f"project {project} may register datasets inside s3://{row.bucket}/{row.prefix}")
+
+
+@admin_app.command("list-storage")
+@friendly
+def admin_list_storage(project: Annotated[str | None, typer.Argument(help="only this project")] = None) -> None:
+    """List storage grants (the table's and CRUCIBLE_STORAGE_GRANTS')."""
+    from services.datasets import storage
+    from shared.db import session_scope
+
+    with session_scope() as s:
+        for name, uri in storage.list_grants(session=s, project_name=project):
+            typer.echo(f"{name}  {uri}")
 
 
 # --- client verbs -----------------------------------------------------------------------------------------------

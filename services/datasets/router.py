@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -13,6 +14,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from services.api.deps import ProjectDep, SessionDep
+from services.api.limits import string_problem
 from services.datasets import service
 from services.datasets.schemas import NAME_PATTERN, DatasetRead, DatasetRegister
 from services.errors import Invalid, PayloadTooLarge
@@ -20,6 +22,7 @@ from shared.config import get_settings
 from shared.storage import ObjectStore
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
+_NAME_RE = re.compile(NAME_PATTERN.removeprefix("^").removesuffix("$"))
 
 _UPLOAD_DOC: dict[str, Any] = {
     "requestBody": {
@@ -61,24 +64,23 @@ async def create_dataset(request: Request, project: ProjectDep, session: Session
         raise Invalid("send multipart/form-data (name + file) to upload, or application/json (name + uri) to register",
                       loc=["header", "content-type"])
     limit = get_settings().MAX_UPLOAD_BYTES
-    declared = int(request.headers.get("content-length") or 0)
-    if declared > limit:
-        raise PayloadTooLarge(f"upload of {declared} bytes exceeds the {limit}-byte limit", loc=["body", "file"])
+    # The body is bounded by services.api.limits as it arrives; starlette spools the file part to disk.
     form = await request.form(max_files=1, max_fields=5)
     name, upload = form.get("name"), form.get("file")
-    if not isinstance(name, str) or not _valid_name(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise Invalid("required: 1-128 letters, digits, '.', '_' or '-'", loc=["body", "name"])
     if not isinstance(upload, UploadFile) or not upload.filename:
         raise Invalid("required: the archive to upload", loc=["body", "file"])
+    filename = _check_filename(upload.filename)
     tmpdir = Path(tempfile.mkdtemp(prefix="crucible-upload-"))
     try:
-        path = tmpdir / Path(upload.filename).name
+        path = tmpdir / "upload"  # never a client-chosen name ('..', '/', NUL): it only picks the format
         size = await run_in_threadpool(_copy, upload, path, limit)
         if size == 0:
             raise Invalid("the uploaded file is empty", loc=["body", "file"])
         before = service.list_datasets(session=session, project_id=project.id)
         ds = await run_in_threadpool(service.upload_archive, session=session, project_id=project.id, name=name,
-                                     path=path, filename=upload.filename, store=store)
+                                     path=path, filename=filename, store=store)
         if any(d.id == ds.id for d in before):
             response.status_code = status.HTTP_200_OK  # same name, same content: nothing new
         return DatasetRead.model_validate(ds)
@@ -100,10 +102,14 @@ def _copy(upload: UploadFile, dest: Path, limit: int) -> int:
     return size
 
 
-def _valid_name(name: str) -> bool:
-    import re
-
-    return re.match(NAME_PATTERN, name) is not None
+def _check_filename(filename: str) -> str:
+    """The upload's file name (kept as metadata, and its extension picks the format): short, printable and a
+    file name rather than a path."""
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    if base in ("", ".", "..") or len(base) > 255 or string_problem(base):
+        raise Invalid("the file name must be a plain name such as data.tar.gz (at most 255 printable characters)",
+                      loc=["body", "file"])
+    return base
 
 
 @router.get("", response_model=list[DatasetRead])

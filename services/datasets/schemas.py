@@ -14,7 +14,9 @@ class DatasetRegister(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=NAME_PATTERN, examples=["cats-vs-dogs"])
-    uri: str = Field(examples=["s3://lab-data/cats-vs-dogs/"], description="s3://bucket/prefix/ of the tree")
+    uri: str = Field(max_length=1100, examples=["s3://lab-data/cats-vs-dogs/"],
+                     description="s3://bucket/prefix/ of the tree, inside a location granted to the project "
+                                 "(`crucible admin grant-storage`)")
 
 
 class DatasetRead(BaseModel):

@@ -4,19 +4,36 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from services.errors import Invalid, NotFound
+from services.datasets import storage
+from services.errors import Conflict, Invalid, NotFound, Unavailable
 from shared.config import get_settings
 from shared.models import Artifact, Dataset
-from shared.storage import CAS_PREFIX, ObjectStore, parse_s3_uri, sha256_file
+from shared.storage import CAS_PREFIX, ObjectStore, sha256_file
+
+log = logging.getLogger("crucible.datasets")
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+MAX_VERSION = 2**31 - 1  # datasets.version is a 32-bit integer column
+_VERSION_RE = re.compile(r"[0-9]{1,10}")
+# Said for a forbidden location and for a missing one alike: a caller cannot tell them apart.
+UNKNOWN_LOCATION = ("no dataset location {uri} is available to this project: an operator grants prefixes with "
+                    "`crucible admin grant-storage PROJECT s3://bucket/prefix/`, and the prefix must hold "
+                    "<class>/<image> (or train/<class>/<image>) files")
+_inspections: threading.BoundedSemaphore | None = None
+_inspections_lock = threading.Lock()
 
 
 def resolve_ref(*, session: Session, project_id: uuid.UUID, ref: str) -> dict[str, Any]:
@@ -28,6 +45,10 @@ def resolve_ref(*, session: Session, project_id: uuid.UUID, ref: str) -> dict[st
     ds = get(session=session, project_id=project_id, ref=ref, loc=["body", "dataset"])
     art = session.get(Artifact, ds.artifact_id)
     assert art is not None
+    if ds.source == "prefix" and not storage.may_register(
+            session=session, project_id=project_id, location=storage.Location(art.bucket, art.key)):
+        # the grant was withdrawn (or narrowed) after registration: no new job may read the prefix
+        raise NotFound(UNKNOWN_LOCATION.format(uri=art.uri), loc=["body", "dataset"])
     out: dict[str, Any] = {"uri": f"dataset://{ds.id}", "dataset_id": str(ds.id), "name": ds.name,
                            "version": ds.version, "artifact_id": str(art.id), "source": ds.source,
                            "bucket": art.bucket, "sha256": art.sha256, "stats": ds.stats}
@@ -42,15 +63,16 @@ def get(*, session: Session, project_id: uuid.UUID, ref: str, loc: list[str | in
     try:
         ds = session.scalars(stmt.where(Dataset.id == uuid.UUID(ref))).first()
     except ValueError:
-        name, _, version = ref.partition("@")
+        name, sep, version = ref.partition("@")
         stmt = stmt.where(Dataset.name == name)
-        if version:
-            if not version.isdigit():
-                raise Invalid(f"dataset version must be a number, got {version!r}", loc=loc) from None
+        if sep:
+            if not _VERSION_RE.fullmatch(version) or not 1 <= int(version) <= MAX_VERSION:
+                raise Invalid(f"dataset version must be a number from 1 to {MAX_VERSION}, got {version[:20]!r}",
+                              loc=loc or ["path", "dataset"]) from None
             stmt = stmt.where(Dataset.version == int(version))
         ds = session.scalars(stmt.order_by(Dataset.version.desc())).first()
     if ds is None:
-        raise NotFound(f"dataset {ref!r} not found in this project; upload it with `crucible datasets upload` or "
+        raise NotFound(f"dataset {ref[:200]!r} not found in this project; upload it with `crucible datasets upload` or "
                        "use builtin://mnist, builtin://digits or builtin://shapes", loc=loc or ["path", "dataset"])
     return ds
 
@@ -71,11 +93,13 @@ def upload_archive(*, session: Session, project_id: uuid.UUID, name: str, path: 
     if not lowered.endswith((".tar", ".tar.gz", ".tgz", ".zip")):
         raise Invalid(f"unsupported archive {filename!r}: upload a .tar, .tar.gz/.tgz or .zip of an ImageFolder tree",
                       loc=["body", "file"])
-    try:
-        report = inspect_archive(path, max_files=settings.MAX_ARCHIVE_FILES,
-                                 max_unpacked_bytes=settings.MAX_ARCHIVE_UNPACKED_BYTES)
-    except ArchiveError as e:
-        raise Invalid(f"archive rejected: {e}", loc=["body", "file"]) from None
+    with _inspection_slot():
+        try:
+            report = inspect_archive(path, max_files=settings.MAX_ARCHIVE_FILES,
+                                     max_unpacked_bytes=settings.MAX_ARCHIVE_UNPACKED_BYTES,
+                                     max_ratio=settings.MAX_ARCHIVE_RATIO)
+        except ArchiveError as e:
+            raise Invalid(f"archive rejected: {e}", loc=["body", "file"]) from None
     digest = sha256_file(path)
     stats = _archive_stats(report)
     already_stored = store.exists(CAS_PREFIX + digest)
@@ -92,48 +116,90 @@ def upload_archive(*, session: Session, project_id: uuid.UUID, name: str, path: 
     return ds
 
 
-def register_prefix(*, session: Session, project_id: uuid.UUID, name: str, uri: str, store: ObjectStore) -> Dataset:
-    """Register an existing ``s3://bucket/prefix/`` ImageFolder tree as a dataset (nothing is copied)."""
+# Inspecting an archive decodes every image: a CPU-bound few seconds per upload. Bounded per process, so a
+# burst of uploads queues briefly and then gets 503 instead of starving every other request.
+INSPECTION_WAIT_S = 10.0
+
+
+@contextmanager
+def _inspection_slot() -> Iterator[None]:
+    global _inspections
+    with _inspections_lock:
+        if _inspections is None:
+            _inspections = threading.BoundedSemaphore(max(1, get_settings().MAX_CONCURRENT_INSPECTIONS))
+    slots = _inspections
+    if not slots.acquire(timeout=INSPECTION_WAIT_S):
+        raise Unavailable("too many dataset uploads are being inspected right now; retry in a few seconds",
+                          loc=["body", "file"], retry_after=5)
     try:
-        bucket, prefix = parse_s3_uri(uri)
+        yield
+    finally:
+        slots.release()
+
+
+def register_prefix(*, session: Session, project_id: uuid.UUID, name: str, uri: str, store: ObjectStore) -> Dataset:
+    """Register an existing ``s3://bucket/prefix/`` ImageFolder tree inside one of the project's storage grants
+    (nothing is copied). The listing's digest is pinned: the worker refuses to train on a prefix that changed."""
+    from minio.error import S3Error
+
+    try:
+        location = storage.parse_location(uri)
     except ValueError as e:
         raise Invalid(str(e), loc=["body", "uri"]) from None
-    if not prefix:
+    if not location.prefix:
         raise Invalid("register a prefix inside the bucket (s3://bucket/some/prefix/), not a whole bucket",
                       loc=["body", "uri"])
-    if bucket == store.bucket and prefix.startswith(CAS_PREFIX.split("/")[0] + "/"):
-        raise Invalid("cas/ holds Crucible's own content-addressed objects and cannot be registered",
-                      loc=["body", "uri"])
-    prefix = prefix.rstrip("/") + "/"
-    try:
-        listing = store.list_keys(prefix, bucket=bucket)
-    except Exception as e:
-        raise NotFound(f"cannot list {uri}: {e}", loc=["body", "uri"]) from None
+    unknown = NotFound(UNKNOWN_LOCATION.format(uri=location.uri[:300]), loc=["body", "uri"])
+    if not storage.may_register(session=session, project_id=project_id, location=location):
+        log.info("project %s may not register %s", project_id, location.uri)
+        raise unknown
+    limit = get_settings().MAX_ARCHIVE_FILES
+    listing: list[tuple[str, int, str]] = []
+    try:  # the same (key, size, etag) rows, in the same form, as ObjectStore.list_keys: the worker re-lists
+        for o in store.client.list_objects(location.bucket, prefix=location.prefix, recursive=True):
+            if o.object_name and not o.is_dir:
+                listing.append((o.object_name, o.size or 0, (o.etag or "").strip('"')))
+                if len(listing) > 2 * limit:  # stop listing a huge prefix early
+                    break
+    except S3Error as e:  # S3's own code (NoSuchBucket, AccessDenied) would tell a caller what exists
+        log.info("listing %s failed: %s", location.uri, e.code)
+        raise unknown from None
     images = [(k, size, etag) for k, size, etag in listing if k.lower().endswith(IMAGE_SUFFIXES)]
     if not images:
-        raise NotFound(f"no images under {uri}; expected <prefix>/<class>/<image> (or train/<class>/...)",
-                       loc=["body", "uri"])
-    if len(images) > get_settings().MAX_ARCHIVE_FILES:
-        raise Invalid(f"{len(images)} images under {uri} exceed the limit of {get_settings().MAX_ARCHIVE_FILES}",
-                      loc=["body", "uri"])
+        raise unknown
+    if len(listing) > 2 * limit or len(images) > limit:
+        raise Invalid(f"more than {limit} images under {location.uri}: split the dataset or ask for a higher "
+                      "limit", loc=["body", "uri"])
     from collections import Counter
 
     from shared.data.archives import ArchiveError, holdout_size, plan_layout
 
+    prefix = location.prefix
     try:
         layout = plan_layout([k[len(prefix):] for k, _, _ in images])
     except ArchiveError as e:
-        raise Invalid(f"{uri} is not an ImageFolder tree: {e}", loc=["body", "uri"]) from None
-    digest = hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()
+        raise Invalid(f"{location.uri} is not an ImageFolder tree: {e}", loc=["body", "uri"]) from None
+    digest = listing_digest(listing)
     n_train, n_test = len(layout.train), len(layout.test)
     if layout.test_split is None:  # the loader holds out part of every class as test
         n_test = sum(holdout_size(n) for n in Counter(c for _, c in layout.train).values())
         n_train -= n_test
     stats = {"images": len(images), "train": n_train, "test": n_test,
              "classes": layout.classes, "num_classes": len(layout.classes)}
-    ds = _record(session, project_id=project_id, name=name, source="prefix", bucket=bucket, key=prefix,
-                 sha256=digest, size=sum(s for _, s, _ in images), stats=stats, meta={"uri": uri})
+    try:
+        ds = _record(session, project_id=project_id, name=name, source="prefix", bucket=location.bucket,
+                     key=prefix, sha256=digest, size=sum(s for _, s, _ in images), stats=stats,
+                     meta={"uri": location.uri})
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
     return ds
+
+
+def listing_digest(listing: list[tuple[str, int, str]]) -> str:
+    """sha256 of a prefix's (key, size, etag) rows; workers/runtime/inputs.py computes the same."""
+    return hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()
 
 
 def _record(session: Session, *, project_id: uuid.UUID, name: str, source: str, bucket: str, key: str,
@@ -153,7 +219,11 @@ def _record(session: Session, *, project_id: uuid.UUID, name: str, source: str, 
     ds = Dataset(project_id=project_id, name=name, version=latest + 1, source=source, artifact_id=art.id,
                  stats=stats)
     session.add(ds)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # a concurrent upload of the same name took this version number first
+        raise Conflict(f"another upload of dataset {name!r} finished first (version {latest + 1}); send yours "
+                       "again to make it the next version", loc=["body", "name"]) from None
     return ds
 
 

@@ -99,8 +99,18 @@ def _poll(job_id: uuid.UUID, after: int, types: list[str] | None) -> tuple[list[
 
 
 async def _stream(job_id: uuid.UUID, after: int, types: list[str] | None, request: Request) -> AsyncIterator[str]:
+    import time
+
+    from shared.config import get_settings
+
+    # A stream must not hold a connection (and a poll loop) forever: after its lifetime it ends without `end`,
+    # and clients reconnect with Last-Event-ID (services/cli/client.py does), resuming where they were.
+    deadline = time.monotonic() + get_settings().SSE_MAX_SECONDS
     idle = 0.0
     while True:
+        if time.monotonic() >= deadline:
+            yield "retry: 1000\n: stream lifetime reached; reconnect with Last-Event-ID\n\n"
+            return
         evs, done = await run_in_threadpool(_poll, job_id, after, types)
         for e in evs:
             after = e.id

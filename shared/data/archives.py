@@ -1,8 +1,9 @@
 """Uploaded image archives: inspect (validate + summarise) and extract safely.
 
-An archive is accepted only if *every* entry is safe (relative path, no ``..``, no links or device
-files), it stays under the file-count and unpacked-size limits, every image decodes (PIL ``verify``), and
-the images form an ImageFolder layout:
+An archive is accepted only if it is one of the documented formats (tar, tar.gz, zip: recognised by content,
+bz2/xz are refused), *every* entry is safe (relative path, no ``..``, no links or device files), it stays under
+the file-count, unpacked-size and compression-ratio limits, every image decodes (PIL ``verify``), and the
+images form an ImageFolder layout:
 
 * ``train/<class>/...`` with an optional ``test/<class>/...`` (or ``val/<class>/...``), or
 * ``<class>/...`` at the root (no test split: loaders hold out ~20% per class),
@@ -11,6 +12,10 @@ optionally inside one wrapping top-level directory (``mydata/train/cat/1.png``).
 add (``__MACOSX/``, dot-files such as ``.DS_Store``, ``Thumbs.db``) is ignored, as are non-image files
 outside class folders (a README at the root). A non-image file *inside* a class folder is an error: it
 was probably meant to be data.
+
+Inspection reads the archive once, front to back, and stops at the first entry that is unsafe, too large or
+an image that does not decode (anywhere but in junk), so a hostile upload costs at most what it took to reach
+its first bad entry. Sizes are checked from the entry headers *before* the entry's data is read or skipped.
 
 ``extract_archive`` re-inspects, then writes only the accepted images, itself, into a canonical
 ``dest/train/<class>/...`` (+ ``dest/test/<class>/...``) tree: no ``extractall``, so no link is ever
@@ -26,10 +31,11 @@ import stat
 import tarfile
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from PIL import Image, UnidentifiedImageError
 
@@ -41,6 +47,8 @@ DEFAULT_MAX_FILES = 2_000_000
 DEFAULT_MAX_UNPACKED_BYTES = 20 * 1024**3
 MAX_IMAGE_PIXELS = 64_000_000  # a larger "image" is a decompression bomb, not a training sample
 MAX_IMAGE_BYTES = 256 * 1024**2
+DEFAULT_MAX_RATIO = 100.0  # unpacked bytes per archive byte: image archives compress little, bombs a lot
+RATIO_FLOOR_BYTES = 64 * 1024**2  # below this much unpacked data the ratio is not checked (tiny archives)
 _COPY_CHUNK = 1024 * 1024
 HOLDOUT_FRACTION = 0.2  # share of every class held out as test when the data has no test split
 
@@ -195,11 +203,17 @@ def plan_layout(paths: Iterable[str]) -> Layout:
 
 # --- reading archives ----------------------------------------------------------------------------
 
-_TAR_MAGIC = {b"\x1f\x8b": "tar.gz", b"BZh": "tar.bz2", b"\xfd7zXZ\x00": "tar.xz"}
+_UNSUPPORTED_MAGIC = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"7z\xbc\xaf\x27\x1c": "7z", b"Rar!": "rar",
+                      b"\x28\xb5\x2f\xfd": "zstd"}
+_TarMode = Literal["r:", "r:gz"]
+_TAR_MODES: dict[str, _TarMode] = {"tar": "r:", "tar.gz": "r:gz"}
+_TRAILER_BYTES = 64 * 1024
+_CORRUPT = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)
 
 
 def detect_format(path: Path) -> str:
-    """``zip``, ``tar``, ``tar.gz`` (also bz2/xz) from the file's content: stored blobs have no extension."""
+    """``zip``, ``tar`` or ``tar.gz`` from the file's content (stored blobs have no extension); anything else,
+    bz2- and xz-compressed tars included, is refused: only the documented formats are accepted."""
     with open(path, "rb") as f:
         head = f.read(512)
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
@@ -207,15 +221,25 @@ def detect_format(path: Path) -> str:
             return "zip"
         raise ArchiveError("the file starts like a zip archive but is corrupt or truncated (no zip directory); "
                            "re-create and upload it again")
-    for magic, fmt in _TAR_MAGIC.items():
+    for magic, what in _UNSUPPORTED_MAGIC.items():
         if head.startswith(magic):
-            if tarfile.is_tarfile(path):
-                return fmt
-            raise ArchiveError(f"a {fmt.removeprefix('tar.')}-compressed file that does not contain a tar "
-                               "archive; upload a .tar, .tar.gz/.tgz or .zip")
-    if head[257:262] == b"ustar" or tarfile.is_tarfile(path):
+            raise ArchiveError(f"{what}-compressed files are not supported; upload a .tar, .tar.gz/.tgz or .zip")
+    if head.startswith(b"\x1f\x8b"):
+        if _is_tar(path, "r:gz"):
+            return "tar.gz"
+        raise ArchiveError("a gzip-compressed file that does not contain a tar archive; upload a .tar, "
+                           ".tar.gz/.tgz or .zip")
+    if head[257:262] == b"ustar" or _is_tar(path, "r:"):
         return "tar"
     raise ArchiveError("unsupported archive format; upload a .tar, .tar.gz/.tgz or .zip of an ImageFolder tree")
+
+
+def _is_tar(path: Path, mode: _TarMode) -> bool:
+    try:
+        with tarfile.open(path, mode) as tf:  # reads the first header only
+            return tf.next() is not None
+    except _CORRUPT:
+        return False
 
 
 @dataclass(frozen=True)
@@ -231,6 +255,16 @@ def _iter_entries(path: Path, fmt: str) -> Iterator[tuple[_Entry, Any]]:
     ``open_fn()`` returns a binary stream of a regular file's bytes; it is valid only until the next
     entry (tar archives are read as one forward stream, which keeps .tar.gz cheap).
     """
+    try:
+        yield from _iter_raw(path, fmt)
+    except ArchiveError:
+        raise
+    except _CORRUPT as exc:  # corrupt deflate, a bad zip directory, a truncated tar: the archive, not us
+        raise ArchiveError(f"the archive is corrupt or truncated ({type(exc).__name__}: {str(exc)[:120]}); "
+                           "re-create and upload it again") from exc
+
+
+def _iter_raw(path: Path, fmt: str) -> Iterator[tuple[_Entry, Any]]:
     if fmt == "zip":
         with zipfile.ZipFile(path) as zf:
             for info in zf.infolist():
@@ -245,21 +279,25 @@ def _iter_entries(path: Path, fmt: str) -> Iterator[tuple[_Entry, Any]]:
                 is_dir = info.is_dir() or kind == stat.S_IFDIR
                 yield _Entry(name, 0 if is_dir else info.file_size, is_dir), (lambda i=info: zf.open(i))
         return
-    try:
-        with tarfile.open(path, "r:*") as tf:
-            for m in tf:
-                name = safe_relpath(m.name)
-                if m.issym() or m.islnk():
-                    raise ArchiveError(f"entry {m.name!r} is a {'symbolic' if m.issym() else 'hard'} link; "
-                                       "links are not allowed")
-                if m.ischr() or m.isblk() or m.isfifo() or m.isdev():
-                    raise ArchiveError(f"entry {m.name!r} is a device or fifo; not allowed")
-                if not (m.isfile() or m.isdir()):
-                    raise ArchiveError(f"entry {m.name!r} has an unsupported tar entry type {m.type!r}")
-                yield _Entry(name, m.size if m.isfile() else 0, m.isdir()), (lambda m=m: tf.extractfile(m))
-    except (tarfile.TarError, EOFError, OSError) as exc:
-        raise ArchiveError(f"the archive is corrupt or truncated ({exc}); re-create and upload it again") from exc
-
+    if fmt not in _TAR_MODES:
+        raise ArchiveError(f"unsupported archive format {fmt!r}; upload a .tar, .tar.gz/.tgz or .zip")
+    with tarfile.open(path, _TAR_MODES[fmt]) as tf:
+        for m in tf:
+            name = safe_relpath(m.name)
+            if m.issym() or m.islnk():
+                raise ArchiveError(f"entry {m.name!r} is a {'symbolic' if m.issym() else 'hard'} link; "
+                                   "links are not allowed")
+            if m.ischr() or m.isblk() or m.isfifo() or m.isdev():
+                raise ArchiveError(f"entry {m.name!r} is a device or fifo; not allowed")
+            if not (m.isfile() or m.isdir()):
+                raise ArchiveError(f"entry {m.name!r} has an unsupported tar entry type {m.type!r}")
+            yield _Entry(name, m.size if m.isfile() else 0, m.isdir()), (lambda m=m: tf.extractfile(m))
+        # tarfile ends quietly at the first header it cannot parse, so a corrupt stream could pass for a shorter
+        # archive: what follows the end must be zero padding (a few kB; more is not read).
+        assert tf.fileobj is not None
+        if tf.fileobj.read(_TRAILER_BYTES).strip(b"\0"):
+            raise ArchiveError("the archive has data after its last readable entry (a corrupt or truncated "
+                               "header); re-create and upload it again")
 
 
 def _verify_image(name: str, size: int, open_fn: Any) -> str | None:
@@ -268,7 +306,11 @@ def _verify_image(name: str, size: int, open_fn: Any) -> str | None:
         return f"{name!r} is {size / 1024**2:.0f} MiB, too large for a training image"
     try:
         with open_fn() as src:
-            data = src.read()
+            data = src.read(MAX_IMAGE_BYTES + 1)
+    except _CORRUPT as exc:  # the archive's own compression is broken, not just this image
+        raise ArchiveError(f"the archive is corrupt at {name!r} ({type(exc).__name__}: {str(exc)[:120]}); "
+                           "re-create and upload it again") from exc
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=["PNG", "JPEG", "BMP", "GIF", "WEBP"]) as im:
@@ -284,11 +326,12 @@ def _verify_image(name: str, size: int, open_fn: Any) -> str | None:
     return None
 
 
-def _scan(path: Path, max_files: int, max_unpacked_bytes: int) -> tuple[ArchiveReport, Layout]:
+def _scan(path: Path, max_files: int, max_unpacked_bytes: int,
+          max_ratio: float = DEFAULT_MAX_RATIO) -> tuple[ArchiveReport, Layout]:
     path = Path(path)
     fmt = detect_format(path)
+    ratio_budget = max(RATIO_FLOOR_BYTES, max_ratio * path.stat().st_size)
     names: list[str] = []
-    bad: dict[str, str] = {}
     entries = unpacked = 0
     for entry, open_fn in _iter_entries(path, fmt):
         entries += 1
@@ -301,15 +344,15 @@ def _scan(path: Path, max_files: int, max_unpacked_bytes: int) -> tuple[ArchiveR
         if unpacked > max_unpacked_bytes:
             raise ArchiveError(f"the archive unpacks to more than {max_unpacked_bytes / 1024**3:.2f} GiB; "
                                "resize the images or split the dataset")
+        if unpacked > ratio_budget:
+            raise ArchiveError(f"the archive unpacks to more than {max_ratio:g} times its own size (at "
+                               f"{entry.path!r}); that is a compression bomb, not an image dataset")
         names.append(entry.path)
         if is_image_name(entry.path) and not is_junk(entry.path):
             reason = _verify_image(entry.path, entry.size, open_fn)
-            if reason:
-                bad[entry.path] = reason
+            if reason:  # stop here: nothing after the first bad image is worth reading
+                raise ArchiveError(reason)
     layout = plan_layout(names)
-    for p, _ in layout.train + layout.test:
-        if p in bad:  # only images that would be used count; a broken file in an ignored folder does not
-            raise ArchiveError(bad[p])
     counts: dict[str, dict[str, int]] = {"train": {}, "test": {}}
     for split, items in (("train", layout.train), ("test", layout.test)):
         for _, c in items:
@@ -329,16 +372,19 @@ def _scan(path: Path, max_files: int, max_unpacked_bytes: int) -> tuple[ArchiveR
 
 
 def inspect_archive(path: str | Path, *, max_files: int = DEFAULT_MAX_FILES,
-                    max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES) -> ArchiveReport:
+                    max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES,
+                    max_ratio: float = DEFAULT_MAX_RATIO) -> ArchiveReport:
     """Validate an uploaded archive and summarise it; raises ArchiveError with the reason to reject it.
 
-    Reads the whole archive once (every image is decoded far enough for PIL to verify it).
+    Reads the archive once, up to its first bad entry (every image is decoded far enough for PIL to verify it).
+    ``max_ratio`` bounds unpacked bytes per archive byte (above 64 MiB unpacked).
     """
-    return _scan(Path(path), max_files, max_unpacked_bytes)[0]
+    return _scan(Path(path), max_files, max_unpacked_bytes, max_ratio)[0]
 
 
 def extract_archive(path: str | Path, dest: str | Path, *, max_files: int = DEFAULT_MAX_FILES,
-                    max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES) -> ArchiveReport:
+                    max_unpacked_bytes: int = DEFAULT_MAX_UNPACKED_BYTES,
+                    max_ratio: float = float("inf")) -> ArchiveReport:
     """Inspect, then extract the accepted images into ``dest/train/<class>/...`` (+ ``dest/test/...``).
 
     ``dest`` must be missing or empty. Files are written one by one from their archive streams (never
@@ -346,7 +392,9 @@ def extract_archive(path: str | Path, dest: str | Path, *, max_files: int = DEFA
     limit is enforced again on the bytes actually written, so an entry lying about its size cannot
     overflow the disk. On any error the partial output is removed.
     """
-    report, layout = _scan(Path(path), max_files, max_unpacked_bytes)
+    # No ratio limit here by default: the upload was inspected under the operator's limit (which may be above
+    # the default), and the bytes actually written are bounded below.
+    report, layout = _scan(Path(path), max_files, max_unpacked_bytes, max_ratio)
     dest = Path(dest)
     if dest.exists() and any(dest.iterdir()):
         raise ArchiveError(f"extraction folder {dest} is not empty")

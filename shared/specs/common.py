@@ -14,18 +14,27 @@ BUILTIN_DATASETS: dict[str, str] = {
     "shapes": "procedural 10-class 32x32 colour shapes (deterministic; 5,000 train / 1,000 test)",
 }
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: '$' would allow a trailing newline
+_GPU_CLASS_RE = r"^[a-z0-9][a-z0-9_-]{0,31}$"  # it becomes part of a queue name
+_TAG_KEY_RE = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
+MAX_TAG_VALUE_CHARS = 256
+MAX_SEED = 2**32 - 1  # numpy and torch seed generators take 32-bit seeds
+MAX_KNN_K = 4096
+MAX_DATASET_VERSION = 2**31 - 1
+MAX_DATASET_REF_CHARS = 200
 
 
 class StrictModel(BaseModel):
     """User-facing models reject unknown fields: a typo must fail loudly, not be ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities are not JSON and compare false with every bound: refuse them at the door.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Resources(StrictModel):
     gpus: int = Field(0, ge=0, le=64, description="GPUs on one node; >1 launches the method with torchrun")
-    gpu_class: str = Field("any", description="'any' or a GPU class a worker pool advertises (e.g. a100)")
+    gpu_class: str = Field("any", pattern=_GPU_CLASS_RE,
+                           description="'any' or a GPU class a worker pool advertises (e.g. a100)")
     cpus: float = Field(1.0, gt=0, le=256)
     mem_gb: float = Field(4.0, gt=0, le=4096)
     max_runtime_s: int = Field(24 * 3600, gt=0, le=30 * 24 * 3600, description="hard wall-clock limit")
@@ -52,13 +61,25 @@ class JobSpecBase(StrictModel):
     depends_on: list[UUID] = Field(default_factory=list, max_length=32, description="jobs that must succeed first")
     resources: Resources = Field(default_factory=Resources)
     retries: Retries = Field(default_factory=Retries)
-    tags: dict[str, str] = Field(default_factory=dict, max_length=50)
+    tags: dict[str, str] = Field(default_factory=dict, max_length=50,
+                                 description="up to 50 key: value labels (keys 1-64 of A-Z a-z 0-9 _ . : / -, "
+                                             f"values up to {MAX_TAG_VALUE_CHARS} characters)")
 
     @field_validator("experiment")
     @classmethod
     def _experiment_name(cls, v: str) -> str:
-        if not _NAME_RE.match(v):
+        if not _NAME_RE.fullmatch(v):
             raise ValueError("must be 1-128 characters of letters, digits, '.', '_' or '-'")
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not _TAG_KEY_RE.fullmatch(key):
+                raise ValueError(f"tag key {key[:40]!r} must be 1-64 letters, digits or '_', '.', ':', '/', '-'")
+            if len(value) > MAX_TAG_VALUE_CHARS:
+                raise ValueError(f"tag {key!r} is longer than {MAX_TAG_VALUE_CHARS} characters")
         return v
 
     @field_validator("depends_on")
@@ -85,14 +106,18 @@ class JobSpecBase(StrictModel):
 
 def validate_dataset_ref(v: str) -> str:
     """``builtin://<name>``, a dataset id, or a dataset name (``name`` or ``name@version``)."""
+    if len(v) > MAX_DATASET_REF_CHARS:
+        raise ValueError(f"longer than {MAX_DATASET_REF_CHARS} characters")
     if v.startswith("builtin://"):
         name = v.removeprefix("builtin://")
         if name not in BUILTIN_DATASETS:
-            raise ValueError(f"unknown builtin dataset {name!r}; choose one of: {', '.join(BUILTIN_DATASETS)}")
+            raise ValueError(f"unknown builtin dataset {name[:40]!r}; choose one of: {', '.join(BUILTIN_DATASETS)}")
         return v
-    base = v.split("@", 1)[0]
-    if not _NAME_RE.match(base):
+    base, sep, version = v.partition("@")
+    if not _NAME_RE.fullmatch(base):
         raise ValueError("must be builtin://<name>, a dataset id, or a dataset name from POST /v1/datasets")
+    if sep and not (version.isascii() and version.isdigit() and 1 <= int(version) <= MAX_DATASET_VERSION):
+        raise ValueError(f"the version after '@' must be a number from 1 to {MAX_DATASET_VERSION}")
     return v
 
 
@@ -113,6 +138,13 @@ def validate_checkpoint_ref(v: str) -> str:
 
 
 def validate_knn_k(v: list[int]) -> list[int]:
-    if any(k < 1 for k in v):
-        raise ValueError("every k must be >= 1")
+    if any(not 1 <= k <= MAX_KNN_K for k in v):
+        raise ValueError(f"every k must be from 1 to {MAX_KNN_K}")
     return sorted(set(v))
+
+
+def knn_problems(knn_k: list[int], database_images: int) -> list[tuple[str, str]]:
+    """k-NN votes among the training images: a k beyond them would silently be clamped."""
+    too_big = [k for k in knn_k if k > database_images]
+    return [("knn_k", f"k={too_big} exceeds the {database_images} training images the k-NN search runs over; "
+                      f"use k <= {database_images}")] if too_big else []

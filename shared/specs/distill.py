@@ -46,7 +46,8 @@ class DistillSpec(VisionTrainingSpec):
         "backbone", description="regress the teacher's pooled backbone feature or its projection output")
     head: Literal["mlp", "linear"] = Field(
         "mlp", description="simreg student head: 4-layer MLP (paper) or a single linear map (the ablation)")
-    bank_size: int = Field(4096, ge=1, validate_default=True, description="compress: teacher-feature bank rows")
+    bank_size: int = Field(4096, ge=1, le=2**24, validate_default=True,
+                           description="compress: teacher-feature bank rows")
     compress: CompressOptions | None = None
 
     @classmethod

@@ -7,8 +7,10 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator
 
 from shared.specs.common import (
+    MAX_SEED,
     JobSpecBase,
     StrictModel,
+    knn_problems,
     validate_checkpoint_ref,
     validate_dataset_ref,
     validate_knn_k,
@@ -24,7 +26,7 @@ class LinearProbeOptions(StrictModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0, le=1)
     batch_size: int = Field(256, ge=1, le=65_536)
-    milestones: list[int] = Field(default_factory=lambda: [15, 30])
+    milestones: list[int] = Field(default_factory=lambda: [15, 30], max_length=32)
     augment: bool = Field(True, description="RandomResizedCrop + flip on training images (reference); "
                                             "False: features are computed once and cached (fast)")
 
@@ -40,16 +42,17 @@ class EvalSpec(JobSpecBase):
     kind: Literal["eval"] = "eval"
     checkpoint: str = Field(description="job:<id> (that job's final checkpoint) or artifact:<id>")
     dataset: str = Field("builtin://shapes", description="builtin://mnist|digits|shapes, a dataset id or name")
-    limit_train: int | None = Field(None, ge=1)
-    limit_test: int | None = Field(None, ge=1)
+    limit_train: int | None = Field(None, ge=1, le=10**9)
+    limit_test: int | None = Field(None, ge=1, le=10**9)
     image_size: int | None = Field(None, ge=8, le=512, description="default: the size the checkpoint trained at")
     train_fraction: float = Field(1.0, gt=0, le=1, description="labelled share used (0.01, 0.1 for semi-sup. "
                                                                "evaluation): k-NN database and probe training")
-    protocols: list[Protocol] = Field(default_factory=lambda: list(PROTOCOLS), min_length=1)
+    protocols: list[Protocol] = Field(default_factory=lambda: list(PROTOCOLS), min_length=1,
+                                      max_length=len(PROTOCOLS))
     knn_k: list[int] = Field(default_factory=lambda: [1, 20], min_length=1, max_length=8,
                              description="unweighted majority vote (reference); weighted k=200 is reported too")
     linear: LinearProbeOptions = Field(default_factory=LinearProbeOptions)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     num_workers: int = Field(0, ge=0, le=64)
 
     @field_validator("checkpoint")
@@ -72,5 +75,18 @@ class EvalSpec(JobSpecBase):
     def _protocols(cls, v: list[str]) -> list[str]:
         return sorted(set(v))
 
+    @field_validator("linear")
+    @classmethod
+    def _milestones(cls, v: LinearProbeOptions) -> LinearProbeOptions:
+        if any(not 1 <= m <= 1000 for m in v.milestones) or sorted(v.milestones) != v.milestones:
+            raise ValueError("linear.milestones must be increasing epoch numbers from 1 to 1000")
+        return v
+
     def checkpoint_inputs(self) -> dict[str, str]:
         return {"checkpoint": self.checkpoint}
+
+    def dataset_problems(self, train_images: int) -> list[tuple[str, str]]:
+        n = min(train_images, self.limit_train or train_images)
+        if "knn" not in self.protocols or "knn_k" not in self.model_fields_set:
+            return []  # the default [1, 20] is clamped on tiny datasets
+        return knn_problems(self.knn_k, max(1, int(n * self.train_fraction)))

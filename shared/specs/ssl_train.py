@@ -30,7 +30,8 @@ class CmsfOptions(StrictModel):
 
     constraint: Constraint = "2q"
     topk_constraint: int = Field(5, ge=1, le=4096, description="k': size of the constraint set (2q, cross-modal)")
-    kmeans_clusters: int = Field(100, ge=2, description="clusters for 'kmeans' (50k on ImageNet; scale to data)")
+    kmeans_clusters: int = Field(100, ge=2, le=1_000_000,
+                                 description="clusters for 'kmeans' (50k on ImageNet; scale to data)")
     kmeans_iters: int = Field(20, ge=1, le=1000)
     label_fraction: float = Field(0.1, gt=0, le=1, description="labelled share for 'semi-supervised' (0.01, 0.1)")
     confidence_threshold: float = Field(0.85, gt=0, le=1, description="pseudo-labels below it constrain nothing")
@@ -92,12 +93,13 @@ class SslTrainSpec(VisionTrainingSpec):
         default_factory=lambda: [0.4, 0.4, 0.4, 0.1], min_length=4, max_length=4,
         description="strong views' ColorJitter (brightness, contrast, saturation, hue), applied with p=0.8; "
                     "MoCo-v2's by default; hue 0.5 = any hue rotation (colour-keyed small images, e.g. shapes)")
-    proj_hidden_dim: int | None = Field(None, ge=8, description="default 2x backbone width")
-    proj_dim: int | None = Field(None, ge=8, description="default backbone width / 4")
+    proj_hidden_dim: int | None = Field(None, ge=8, le=16_384, description="default 2x backbone width")
+    proj_dim: int | None = Field(None, ge=8, le=16_384, description="default backbone width / 4")
 
     # --- method (after batch_size: the bank is checked against it) ---
     bank_size: int = Field(
-        8192, ge=1, validate_default=True, description="memory bank rows K; must be a multiple of batch_size")
+        8192, ge=1, le=2**24, validate_default=True,
+        description="memory bank rows K; must be a multiple of batch_size")
     topk: int | None = Field(
         None, ge=1, le=1024, validate_default=True,
         description="neighbours averaged into the target (k); default 5 for msf/cmsf, 1 for byol; unused by isd")

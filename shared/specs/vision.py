@@ -6,7 +6,14 @@ from typing import Any, Literal, NamedTuple, get_args
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from shared.specs.common import JobSpecBase, validate_dataset_ref, validate_knn_k
+from shared.specs.common import (
+    MAX_KNN_K,
+    MAX_SEED,
+    JobSpecBase,
+    knn_problems,
+    validate_dataset_ref,
+    validate_knn_k,
+)
 
 # --- the backbone registry ------------------------------------------------------------------------------
 # One table, torch-free so that importing the specs stays cheap: the spec fields validate against it and the
@@ -106,8 +113,9 @@ class VisionTrainingSpec(JobSpecBase):
 
     # --- data ---
     dataset: str = Field("builtin://shapes", description="builtin://mnist|digits|shapes, a dataset id or name")
-    limit_train: int | None = Field(None, ge=1, description="use only the first N training images")
-    limit_test: int | None = Field(None, ge=1, description="use only the first N test images for evaluation")
+    limit_train: int | None = Field(None, ge=1, le=10**9, description="use only the first N training images")
+    limit_test: int | None = Field(None, ge=1, le=10**9,
+                                   description="use only the first N test images for evaluation")
     image_size: int = Field(32, ge=8, le=512)
 
     # --- model ---
@@ -123,14 +131,15 @@ class VisionTrainingSpec(JobSpecBase):
     weight_decay: float = Field(1e-4, ge=0, le=1)
     lr_schedule: Literal["cosine", "step"] = "cosine"
     lr_milestones: list[int] | None = Field(
-        None, validate_default=True, description="step schedule epochs; default 70% and 90% of epochs")
+        None, max_length=32, validate_default=True, description="step schedule epochs; default 70% and 90% of epochs")
     lr_decay: float = Field(0.2, gt=0, le=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
     # --- evaluation and checkpoints ---
-    knn_every: int = Field(0, ge=0, description="k-NN evaluation every N epochs (0: only before and after)")
-    knn_k: list[int] = Field(default_factory=lambda: [1, 20], min_length=1, max_length=8)
-    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    knn_every: int = Field(0, ge=0, le=10_000, description="k-NN evaluation every N epochs (0: only before and after)")
+    knn_k: list[int] = Field(default_factory=lambda: [1, 20], min_length=1, max_length=8,
+                             description=f"k of the k-NN evaluation (1-{MAX_KNN_K}, at most the training images)")
+    checkpoint_every: int = Field(1, ge=1, le=10_000, description="epochs between checkpoints")
 
     # --- execution ---
     num_workers: int = Field(0, ge=0, le=64, description="data-loader worker processes")
@@ -189,11 +198,13 @@ class VisionTrainingSpec(JobSpecBase):
         epochs = info.data.get("epochs") or 1
         if v is None:
             return sorted({max(1, round(0.7 * epochs)), max(1, round(0.9 * epochs))})
-        if any(m < 1 for m in v) or sorted(v) != v:
-            raise ValueError("milestones must be increasing epoch numbers >= 1")
+        if any(not 1 <= m <= 10_000 for m in v) or sorted(v) != v:
+            raise ValueError("milestones must be increasing epoch numbers from 1 to 10000")
         return v
 
     def dataset_problems(self, train_images: int) -> list[tuple[str, str]]:
         n = min(train_images, self.limit_train or train_images)
-        return [("batch_size", f"{self.batch_size} exceeds the {n} training images available")] \
+        problems = [("batch_size", f"{self.batch_size} exceeds the {n} training images available")] \
             if self.batch_size > n else []
+        # only a k the user chose: the default [1, 20] is clamped on tiny datasets, as it always was
+        return problems + (knn_problems(self.knn_k, n) if "knn_k" in self.model_fields_set else [])

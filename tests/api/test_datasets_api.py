@@ -139,20 +139,179 @@ def test_missing_fields_and_wrong_content_type(client, auth):
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "uri"]
 
 
-def test_register_prefix(client, auth):
+def test_missing_uri_and_malformed_uris_are_422(client, auth):
+    r = client.post("/v1/datasets", json={"name": "x", "uri": "http://example.com/data"}, headers=auth)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "uri"]
+    r = client.post("/v1/datasets", json={"name": "x", "uri": "s3://Bad_Bucket/a/"}, headers=auth)
+    assert r.status_code == 422 and "bucket" in r.json()["detail"][0]["msg"]
+    r = client.post("/v1/datasets", json={"name": "x", "uri": "s3://some-bucket/a/../../etc/"}, headers=auth)
+    assert r.status_code == 422 and "climbs above" in r.json()["detail"][0]["msg"]
+
+
+# --- tenant-safe prefixes -----------------------------------------------------------------------------------------
+@pytest.fixture
+def tenant(stack):
+    from tests.conftest import new_project_key
+
+    name, token = new_project_key("tenant")
+    return name, {"Authorization": f"Bearer {token}"}
+
+
+def put_tree(bucket: str, prefix: str, **kw) -> None:
     store = ObjectStore()
-    for name, data in imagefolder(classes=("a", "b", "c"), per_class=5).items():
-        store.client.put_object(store.bucket, f"lab/shapes3/{name}", io.BytesIO(data), len(data))
-    r = client.post("/v1/datasets", json={"name": "shapes3", "uri": f"s3://{store.bucket}/lab/shapes3"}, headers=auth)
+    store.ensure_bucket(bucket)
+    for name, data in imagefolder(**kw).items():
+        store.client.put_object(bucket, f"{prefix}{name}", io.BytesIO(data), len(data))
+
+
+def grant(project: str, uri: str):
+    from services.datasets import storage
+
+    with session_scope() as s:
+        return storage.grant(session=s, project_name=project, uri=uri)
+
+
+def register(client, headers, name: str, uri: str):
+    return client.post("/v1/datasets", json={"name": name, "uri": uri}, headers=headers)
+
+
+def generic(r, uri: str) -> str:
+    """The 404's message with the (normalised) URI cut out: it must be the same for every refusal."""
+    assert r.status_code == 404, r.json()
+    (d,) = r.json()["detail"]
+    assert d["loc"] == ["body", "uri"] and "grant-storage" in d["msg"], d
+    assert "NoSuchBucket" not in d["msg"] and "AccessDenied" not in d["msg"]
+    return d["msg"].replace(uri, "<uri>")
+
+
+def test_register_prefix_inside_a_grant(client, tenant):
+    project, headers = tenant
+    bucket = ObjectStore().bucket
+    put_tree(bucket, f"lab/{project}/shapes3/", classes=("a", "b", "c"), per_class=5)
+    area = f"s3://{bucket}/lab/{project}/"
+    # not granted yet: the same 404 as for a location that does not exist
+    assert generic(register(client, headers, "shapes3", area + "shapes3"), area + "shapes3/") == \
+        generic(register(client, headers, "shapes3", f"s3://no-such-bucket-{project}/x/"),
+                f"s3://no-such-bucket-{project}/x/")
+    grant(project, area)
+    r = register(client, headers, "shapes3", f"s3://{bucket}//lab/./{project}//shapes3/")
     assert r.status_code == 201, r.json()
     assert r.json()["source"] == "prefix" and r.json()["stats"]["num_classes"] == 3
     assert r.json()["stats"]["train"] == 12
-    r = client.post("/v1/datasets", json={"name": "nothing", "uri": f"s3://{store.bucket}/lab/none/"}, headers=auth)
-    assert r.status_code == 404 and r.json()["detail"][0]["loc"] == ["body", "uri"]
-    r = client.post("/v1/datasets", json={"name": "steal", "uri": f"s3://{store.bucket}/cas/sha256/"}, headers=auth)
-    assert r.status_code == 422
-    r = client.post("/v1/datasets", json={"name": "x", "uri": "http://example.com/data"}, headers=auth)
-    assert r.status_code == 422
+    with session_scope() as s:
+        art = s.get(Artifact, r.json()["artifact_id"])
+        assert (art.bucket, art.key) == (bucket, f"lab/{project}/shapes3/")  # stored normalised
+    generic(register(client, headers, "nothing", area + "none/"), area + "none/")
+    assert [d["name"] for d in client.get("/v1/datasets", headers=headers).json()] == ["shapes3"]
+
+
+def test_prefix_tricks_cannot_leave_the_grant(client, tenant):
+    project, headers = tenant
+    store = ObjectStore()
+    bucket = store.bucket
+    put_tree(bucket, f"lab/{project}/mine/")
+    put_tree(bucket, f"lab/{project}x/theirs/")  # same string prefix, a different folder
+    put_tree(bucket, f"lab/elsewhere-{project}/")
+    put_tree(bucket, "cas/fake/")  # looks like a tree, inside the platform's content store
+    put_tree(bucket, "mlflow-artifacts/fake/")
+    put_tree(f"other-{project[-8:]}", "data/")
+    grant(project, f"s3://{bucket}/lab/{project}/")
+    before_rows = dataset_rows()
+    tricks = {
+        f"s3://{bucket}/cas": "cas/", f"s3://{bucket}/cas/": "cas/", f"s3://{bucket}/./cas": "cas/",
+        f"s3://{bucket}/a/../cas": "cas/", f"s3://{bucket}/cas//fake//": "cas/fake/",
+        f"s3://{bucket}//cas/fake": "cas/fake/", f"s3://{bucket}/mlflow-artifacts/fake": "mlflow-artifacts/fake/",
+        f"s3://{bucket}/lab/{project}/../elsewhere-{project}": f"lab/elsewhere-{project}/",
+        f"s3://{bucket}/lab/{project}/mine/../../elsewhere-{project}/": f"lab/elsewhere-{project}/",
+        f"s3://{bucket}/lab/{project}x/theirs": f"lab/{project}x/theirs/",
+        f"s3://{bucket}/lab/": "lab/",
+    }
+    messages = set()
+    for uri, normalised in tricks.items():
+        messages.add(generic(register(client, headers, "trick", uri), f"s3://{bucket}/{normalised}"))
+    other = f"s3://other-{project[-8:]}/data/"
+    messages.add(generic(register(client, headers, "trick", other), other))
+    assert len(messages) == 1  # one answer for every refusal: nothing to learn about what exists
+    assert dataset_rows() == before_rows
+    r = register(client, headers, "mine", f"s3://{bucket}/lab/{project}/x/../mine")
+    assert r.status_code == 201, r.json()
+
+
+def test_another_projects_area_is_refused_even_inside_a_wider_grant(client, tenant, monkeypatch):
+    from services.datasets import storage
+    from tests.conftest import new_project_key
+
+    project, headers = tenant
+    other, _ = new_project_key("neighbour")
+    bucket = ObjectStore().bucket
+    put_tree(bucket, f"shared-{project}/mine/")
+    put_tree(bucket, f"shared-{project}/{other}/data/")
+    grant(other, f"s3://{bucket}/shared-{project}/{other}/")
+    # an operator's config grants the whole area; the neighbour's part of it is still not this project's
+    monkeypatch.setattr(get_settings(), "STORAGE_GRANTS", {project: [f"s3://{bucket}/shared-{project}/"]})
+    uri = f"s3://{bucket}/shared-{project}/"
+    generic(register(client, headers, "all", uri), uri)
+    uri = f"s3://{bucket}/shared-{project}/{other}/data/"
+    generic(register(client, headers, "theirs", uri), uri)
+    assert register(client, headers, "mine", f"s3://{bucket}/shared-{project}/mine/").status_code == 201
+    # the grant command refuses what would overlap another project, and the platform's own areas
+    with pytest.raises(ValueError, match="overlaps"):
+        grant(project, f"s3://{bucket}/shared-{project}/{other}/data/")
+    for reserved in ("cas", "./cas/sha256", "mlflow-artifacts/"):
+        with pytest.raises(ValueError, match="platform"):
+            grant(project, f"s3://{bucket}/{reserved}")
+    with pytest.raises(ValueError, match="whole bucket"):
+        grant(project, f"s3://{bucket}/")
+    # exactly the same prefix may be shared on purpose
+    grant(project, f"s3://{bucket}/shared-{project}/{other}/")
+    with session_scope() as s:
+        assert (other, f"s3://{bucket}/shared-{project}/{other}/") in storage.list_grants(session=s)
+
+
+def test_revoked_grant_stops_new_jobs_and_a_changed_prefix_fails_the_worker(client, tenant, tmp_path):
+    from services.datasets import storage
+    from workers.runtime.inputs import DatasetChanged, prepare_dataset
+
+    project, headers = tenant
+    store = ObjectStore()
+    put_tree(store.bucket, f"lab/{project}/pinned/", per_class=6)
+    grant(project, f"s3://{store.bucket}/lab/{project}/")
+    ds = register(client, headers, "pinned", f"s3://{store.bucket}/lab/{project}/pinned/").json()
+    spec = {"kind": "ssl-train", "dataset": "pinned", "batch_size": 4, "bank_size": 8}
+    job = client.post("/v1/jobs", json=spec, headers=headers)
+    assert job.status_code == 201, job.json()
+    ref = job.json()["inputs"]["dataset"]
+    settings = get_settings().model_copy(update={"DATA_CACHE_DIR": tmp_path})
+    assert prepare_dataset(ref, store=store, settings=settings)["path"]
+    data = png_bytes(99)
+    store.client.put_object(store.bucket, f"lab/{project}/pinned/cat/new.png", io.BytesIO(data), len(data))
+    with pytest.raises(DatasetChanged, match="pinned@1 changed since it was registered"):
+        prepare_dataset(ref, store=store, settings=settings)
+    with session_scope() as s:
+        assert storage.revoke(session=s, project_name=project, uri=f"s3://{store.bucket}/lab/{project}") == 1
+    r = client.post("/v1/jobs", json=spec, headers=headers)
+    assert r.status_code == 404 and r.json()["detail"][0]["loc"] == ["body", "dataset"], r.json()
+    assert client.get(f"/v1/datasets/{ds['id']}", headers=headers).status_code == 200  # the record stays
+
+
+def test_admin_grant_storage_cli(stack, tenant):
+    from typer.testing import CliRunner
+
+    from services.cli.main import app
+
+    project, _ = tenant
+    bucket = ObjectStore().bucket
+    runner = CliRunner()
+    r = runner.invoke(app, ["admin", "grant-storage", project, f"s3://{bucket}/team/{project}//"])
+    assert r.exit_code == 0 and f"s3://{bucket}/team/{project}/" in r.output, r.output
+    r = runner.invoke(app, ["admin", "grant-storage", project, f"s3://{bucket}/cas"])
+    assert r.exit_code == 1 and "platform" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["admin", "grant-storage", "no-such-project-x", f"s3://{bucket}/z/"])
+    assert r.exit_code == 1 and "crucible keys create" in r.output
+    r = runner.invoke(app, ["admin", "list-storage", project])
+    assert f"{project}  s3://{bucket}/team/{project}/" in r.output
+    r = runner.invoke(app, ["admin", "grant-storage", project, f"s3://{bucket}/team/{project}", "--revoke"])
+    assert r.exit_code == 0 and "revoked 1" in r.output
 
 
 def test_datasets_and_artifacts_are_project_scoped(client, auth):

@@ -269,6 +269,63 @@ def test_extract_then_load_roundtrip(tmp_path: Path) -> None:
         extract_archive(archive, dest)
 
 
+def test_only_the_documented_formats_are_accepted(tmp_path: Path) -> None:
+    import bz2
+    import lzma
+
+    tar = _tar(tmp_path / "d.tar", _tree()).read_bytes()
+    for compress, what in ((bz2.compress, "bzip2"), (lzma.compress, "xz")):
+        path = _raw(tmp_path / "d.tar", compress(tar))  # named .tar, sniffed by content
+        with pytest.raises(ArchiveError, match=f"{what}-compressed files are not supported"):
+            inspect_archive(path)
+    assert inspect_archive(_raw(tmp_path / "d.bin", gzip.compress(tar))).format == "tar.gz"
+
+
+def test_compression_ratio_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shared.data import archives
+
+    bomb = _tar(tmp_path / "b.tgz", _tree() | {"README": b"\0" * 2_000_000}, mode="w:gz")
+    assert bomb.stat().st_size < 20_000
+    inspect_archive(bomb)  # below the 64 MiB floor the ratio is not checked
+    monkeypatch.setattr(archives, "RATIO_FLOOR_BYTES", 0)
+    with pytest.raises(ArchiveError, match="compression bomb"):
+        inspect_archive(bomb)
+    assert inspect_archive(bomb, max_ratio=1e6).num_images == 14
+
+
+def test_inspection_stops_at_the_first_bad_member(tmp_path: Path) -> None:
+    noise = np.random.default_rng(0).bytes(300_000)  # incompressible: the corruption lands far from the start
+    files = {"train/cat/broken.png": b"\x89PNG\r\n\x1a\nbroken", **_tree(), "README": noise}
+    raw = bytearray(_tar(tmp_path / "d.tgz", files, mode="w:gz").read_bytes())
+    raw[-200:-100] = b"\xff" * 100  # the stream is corrupt near its end, long after the broken image
+    path = _raw(tmp_path / "d2.tgz", bytes(raw))
+    with pytest.raises(ArchiveError, match="train/cat/broken.png"):
+        inspect_archive(path)
+    # a huge member behind the broken one is never read (the declared size is checked first, and nothing after
+    # the first bad image is decompressed)
+    with pytest.raises(ArchiveError, match="not a readable image"):
+        inspect_archive(_zip(tmp_path / "z.zip", {"train/cat/broken.png": b"\x89PNG broken", **_tree(),
+                                                  "zzz.bin": b"\0" * 5_000_000}), max_unpacked_bytes=10**9)
+
+
+def test_corrupt_compressed_data_is_an_archive_error(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, data in _tree().items():
+            zf.writestr(name, data + b"\0" * 1000)
+    raw = bytearray(buf.getvalue())
+    at = raw.index(b"train/cat/0.png") + len("train/cat/0.png")
+    raw[at + 8:at + 48] = b"\xff" * 40
+    with pytest.raises(ArchiveError, match="corrupt"):
+        inspect_archive(_raw(tmp_path / "c.zip", bytes(raw)))
+    tgz = bytearray(_tar(tmp_path / "t.tgz", _tree(n_train=30), mode="w:gz").read_bytes())
+    tgz[len(tgz) // 2:len(tgz) // 2 + 64] = b"\0" * 64
+    with pytest.raises(ArchiveError, match="corrupt"):
+        inspect_archive(_raw(tmp_path / "t2.tgz", bytes(tgz)))
+    with pytest.raises(ArchiveError):
+        inspect_archive(_raw(tmp_path / "g.tgz", gzip.compress(b"not a tar" * 100)))
+
+
 # --- ImageFolder directories -----------------------------------------------------------------------
 
 

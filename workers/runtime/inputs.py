@@ -22,7 +22,12 @@ _COMPLETE = ".complete"
 
 
 class ResumeRefused(Exception):
-    """The latest checkpoint was written under a different critical config."""
+    """The attempt cannot start from its inputs as they are now (a config error, not retried): the latest
+    checkpoint was written under a different critical config, or a dataset changed (DatasetChanged)."""
+
+
+class DatasetChanged(ResumeRefused):
+    """A registered prefix no longer holds the objects whose listing was pinned at registration."""
 
 
 @dataclass
@@ -55,6 +60,11 @@ def prepare_dataset(ref: dict[str, Any], *, store: ObjectStore, settings: Settin
     elif source == "prefix":
         listing = store.list_keys(ref["prefix"], bucket=ref["bucket"])
         digest = hashlib.sha256(json.dumps(sorted(listing)).encode()).hexdigest()
+        if ref.get("sha256") and digest != ref["sha256"]:
+            raise DatasetChanged(
+                f"dataset {ref.get('name')}@{ref.get('version')} changed since it was registered: the objects "
+                f"under s3://{ref['bucket']}/{ref['prefix']} no longer match the listing pinned then; register "
+                "the prefix again (a new version) and submit a new job")
         target = cache / f"prefix-{digest}"
         with _locked(target.with_suffix(".lock")):
             if not (target / _COMPLETE).exists():
