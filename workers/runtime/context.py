@@ -64,6 +64,8 @@ class JobContext:
         self.resume_info: dict[str, Any] = resume
         self.rank = int(os.environ.get("RANK", "0") or 0)
         self.world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        self._emit: Callable[[str], None]
+        self._log_line: Callable[[str], None]
         if not self.is_main:
             self._emit, self._log_line = _drop_line, _drop_line
         elif emit is not None:  # tests: one sink for both
@@ -209,7 +211,8 @@ class JobContext:
         import torch
 
         # weights_only=False: our own checkpoints carry plain-python metadata next to tensors.
-        return torch.load(self.resume_path, map_location="cpu", weights_only=False)
+        state: dict[str, Any] = torch.load(self.resume_path, map_location="cpu", weights_only=False)
+        return state
 
     def save_artifact(self, path: Path, *, name: str, artifact_kind: str = "file",
                       meta: dict[str, Any] | None = None) -> str:
@@ -218,7 +221,7 @@ class JobContext:
         obj = self.store.put_file(Path(path))
         self.event("artifact", name=name, artifact_kind=artifact_kind, key=obj.key, sha256=obj.sha256,
                    size=obj.size, meta=meta or {})
-        return obj.key
+        return str(obj.key)
 
 
 def _drop_line(line: str) -> None:

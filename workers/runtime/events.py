@@ -41,6 +41,7 @@ class EventRelay:
         self._input_artifacts: set[str] = set()  # checkpoints this job consumed (teachers, models to evaluate)
         self._mlflow_warned = False
         self.invalid_events = 0
+        self.dropped_events = self.dropped_artifacts = 0  # what a lost lease kept from being written
         self.lost = False  # a fenced flush found the lease gone: nothing more is written
 
     def resumed_from(self, artifact_id: uuid.UUID) -> None:
@@ -110,8 +111,6 @@ class EventRelay:
                         self._last_checkpoint = last_ckpt
                         raise
             except lifecycle.LeaseLost:
-                log.warning("job %s attempt %d: lease lost; dropping %d events and %d artifacts", self.job_id,
-                            self.attempt, len(self._events), len(self._artifacts))
                 self.lost = True
                 self._drop()
                 return False
@@ -121,7 +120,14 @@ class EventRelay:
         self._flush_mlflow()
         return True
 
+    def drop(self) -> None:
+        """The attempt is over without its lease: forget what is buffered (and count it)."""
+        self.lost = True
+        self._drop()
+
     def _drop(self) -> None:
+        self.dropped_events += len(self._events) + (self._last_progress_event is not None)
+        self.dropped_artifacts += len(self._artifacts)
         self._events.clear()
         self._artifacts.clear()
         self._points.clear()
@@ -139,7 +145,8 @@ class EventRelay:
                        job_id=self.job_id, attempt=self.attempt, meta=meta)
         s.add(row)
         s.flush()
-        link_parents(s, row.id, [self._dataset_artifact, self._last_checkpoint, *self._input_artifacts])
+        parents = [self._dataset_artifact, self._last_checkpoint, *self._input_artifacts]
+        link_parents(s, row.id, [p for p in parents if p is not None])
         lifecycle.add_event(s, self.job_id, self.attempt, art["type"], artifact_id=str(row.id), uri=row.uri,
                             **({"epoch": art.get("epoch"), "final": art.get("final")} if is_ckpt else {}))
         if is_ckpt:

@@ -202,8 +202,8 @@ def _ensure_run(a: Attempt, tracker: Any, worker_id: str) -> str:
         s.execute(update(Experiment).where(Experiment.id == job.experiment_id,
                                            Experiment.mlflow_experiment_id.is_(None))
                   .values(mlflow_experiment_id=exp_id))
-    a.run_id = run_id
-    return run_id
+    a.run_id = str(run_id)
+    return a.run_id
 
 
 def _prepare(a: Attempt, spec: Any, *, worker_id: str, store: Any, settings: Settings, relay: EventRelay,
@@ -328,9 +328,11 @@ def _watch(a: Attempt, keeper: LeaseKeeper, *, relay: EventRelay, worker_id: str
             relay.handle_event(line)
         elif source == "log" and line is not None:
             relay.handle_line(line)
-    if stop_reason == "lease_lost" or keeper.lost.is_set():
-        log.warning("job %s attempt %d: lease lost (reconciled elsewhere); child killed, nothing recorded",
-                    a.job_id, a.attempt)
+    if stop_reason == "lease_lost" or keeper.lost.is_set() or relay.lost:
+        relay.drop()
+        log.warning("job %s attempt %d: lease lost (reconciled elsewhere); child killed, nothing recorded: "
+                    "dropped %d events and %d checkpoints/artifacts", a.job_id, a.attempt, relay.dropped_events,
+                    relay.dropped_artifacts)
         return LEASE_LOST
     outcome, reason = classify(rc, stop_reason, a.max_runtime_s, list(tail),
                                oom=rc == -signal.SIGKILL and _more_ooms(oom_before))
