@@ -270,3 +270,32 @@ def test_a_sigkill_the_supervisor_did_not_send_is_classified_by_its_evidence():
     assert classify(-9, "cancel", 60, [], oom=True)[0] == lifecycle.CANCELLED
     assert classify(3, None, 60, ["configuration error: lower bank_size"]) == (
         lifecycle.CONFIG_ERROR, "configuration error: lower bank_size")
+
+
+def test_the_warm_child_takes_a_job_and_a_dead_one_is_replaced_by_a_cold_start(tmp_path):
+    import json
+
+    from workers.runtime import warm
+    from workers.runtime.protocol import EXIT_CONFIG, JOB_FILE
+
+    settings = get_settings().model_copy(update={"WARM_CHILD": True, "WORK_DIR": tmp_path / "work"})
+    workdir = tmp_path / "job"
+    workdir.mkdir()
+    job_id = str(uuid.uuid4())
+    (workdir / JOB_FILE).write_text(json.dumps({"job_id": job_id, "attempt": 1, "kind": "ssl-train",
+                                                "spec": {"kind": "ssl-train", "batch_size": "lots"}}))
+    warm.prestart(settings)
+    proc = warm.take_warm(workdir)
+    assert proc is not None
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    proc.wait(timeout=120)
+    assert proc.returncode == EXIT_CONFIG and "batch_size" in out, out
+
+    warm.prestart(settings)
+    dead = warm._warm
+    assert dead is not None
+    warm.kill_group(dead, signal.SIGKILL)
+    dead.wait(timeout=10)
+    assert warm.take_warm(workdir) is None  # the job would start cold; the worker carries on
+    warm.discard_warm()
