@@ -57,12 +57,17 @@ class Settings(BaseSettings):
     REDISPATCH_AFTER_SECONDS: float = 300.0  # a dispatched job nobody claimed is published again
     QUEUE_WINDOW: int = 2  # messages allowed in flight per queue; the rest wait, ordered by priority
     CANCEL_GRACE_SECONDS: float = 30.0
-    POLL_SECONDS: float = 1.0  # supervisor: cancel-flag poll and event flush interval
+    POLL_SECONDS: float = 1.0  # supervisor: lease renewal and cancel-flag poll interval
+    EVENT_FLUSH_SECONDS: float = 2.0  # supervisor: events to Postgres and metrics to MLflow, batched this often
+    # Operator's ceiling on a spec's retries.infra: one bad spec must not crash-loop a GPU node 100 times.
+    MAX_INFRA_RETRIES: int = Field(10, ge=0)
 
     # --- workers ------------------------------------------------------------------------------
     WORKER_TORCH_THREADS: int = 0  # 0: let torch decide
     WORK_DIR: Path | None = None  # per-job scratch space; defaults to HOME/work
     DATA_CACHE_DIR: Path | None = None  # downloaded datasets, keyed by sha256
+    WARM_CHILD: bool = True  # pre-start the next job's child (torch and methods imported); False: cold per job
+    LOCAL_CACHE: bool = True  # builtin datasets and random-init k-NN baselines cached under DATA_CACHE_DIR
 
     # --- uploads ------------------------------------------------------------------------------
     MAX_UPLOAD_BYTES: int = 2 * 1024**3

@@ -20,9 +20,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, and_, select, update
+from sqlalchemy import CursorResult, and_, func, select, update
 from sqlalchemy.orm import Session
 
+from shared.config import get_settings
 from shared.kinds import queue_for
 from shared.models import Job, JobEvent, JobStatus, Outbox, utcnow
 
@@ -109,22 +110,37 @@ class LeaseState:
     cancel_requested: bool
 
 
-def renew_lease(session: Session, *, job_id: uuid.UUID, attempt: int, worker_id: str, lease_s: float,
-                progress: float | None = None, eta_seconds: float | None = None) -> LeaseState:
+class LeaseLost(Exception):  # noqa: N818 - a state the caller handles, like Preempted
+    """This attempt no longer holds the job: whatever it was about to write must not be written."""
+
+
+def fence(session: Session, *, job_id: uuid.UUID, attempt: int, worker_id: str, renew_s: float | None = None,
+          progress: float | None = None, eta_seconds: float | None = None) -> LeaseState:
+    """Prove, inside the caller's transaction, that (job, attempt, worker) still holds a live lease.
+
+    Every write an attempt makes (events, checkpoints, artifacts, result, its MLflow run id) goes through this
+    first, in the same transaction: the UPDATE matches only while the job is running as this attempt, on this
+    worker, with an unexpired lease, and it row-locks the job until commit, so the reconciler cannot re-queue
+    it between the check and the writes. A superseded attempt - frozen past its lease, then resumed - gets
+    ``LeaseLost`` and its transaction is rolled back: it changes nothing. ``renew_s`` also extends the lease.
+    """
     now = utcnow()
-    values: dict[str, Any] = {"lease_expires_at": now + timedelta(seconds=lease_s), "updated_at": now}
+    values: dict[str, Any] = {"updated_at": now}
+    if renew_s is not None:
+        values["lease_expires_at"] = now + timedelta(seconds=renew_s)
     if progress is not None:
         values["progress"] = progress
         values["eta_seconds"] = eta_seconds
     res = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.attempt == attempt, Job.worker_id == worker_id,
-               Job.status == JobStatus.RUNNING)
+               Job.status == JobStatus.RUNNING, Job.lease_expires_at > now)
         .values(**values)
         .returning(Job.cancel_requested)
+        .execution_options(synchronize_session=False)
     ).first()
     if res is None:
-        return LeaseState(held=False, cancel_requested=False)
+        raise LeaseLost(f"job {job_id} attempt {attempt} is no longer held by {worker_id}")
     return LeaseState(held=True, cancel_requested=bool(res[0]))
 
 
@@ -137,12 +153,35 @@ class Outcome(enum.StrEnum):
     USER_ERROR = "user_error"  # the method failed: retried on the user-error budget
     CONFIG_ERROR = "config_error"  # the job cannot run as specified: failed at once, never retried
     INFRA_ERROR = "infra_error"  # worker lost, killed, storage down: retried on the infrastructure budget
+    OOM = "oom"  # the child was killed for memory: retried on its own small budget (retries.oom)
 
 
 # Module-level names kept for callers that predate the enum (they compare equal to the strings).
-SUCCEEDED, CANCELLED, PREEMPTED, USER_ERROR, CONFIG_ERROR, INFRA_ERROR = (
+SUCCEEDED, CANCELLED, PREEMPTED, USER_ERROR, CONFIG_ERROR, INFRA_ERROR, OOM = (
     Outcome.SUCCEEDED, Outcome.CANCELLED, Outcome.PREEMPTED, Outcome.USER_ERROR, Outcome.CONFIG_ERROR,
-    Outcome.INFRA_ERROR)
+    Outcome.INFRA_ERROR, Outcome.OOM)
+
+
+def renew_lease(session: Session, *, job_id: uuid.UUID, attempt: int, worker_id: str, lease_s: float,
+                progress: float | None = None, eta_seconds: float | None = None) -> LeaseState:
+    """Extend a live lease (an expired one stays expired: its attempt is over, see ``fence``)."""
+    try:
+        return fence(session, job_id=job_id, attempt=attempt, worker_id=worker_id, renew_s=lease_s,
+                     progress=progress, eta_seconds=eta_seconds)
+    except LeaseLost:
+        return LeaseState(held=False, cancel_requested=False)
+
+
+OOM_EVENT = "oom_kill"  # one per out-of-memory attempt: the count is the OOM budget used (no column needed)
+
+
+def infra_budget(job: Job) -> int:
+    """The job's infrastructure retries: what its spec asked for, capped by the operator's ceiling."""
+    return min(job.max_infra_retries, get_settings().MAX_INFRA_RETRIES)
+
+
+def oom_budget(job: Job) -> int:
+    return int((job.spec.get("retries") or {}).get("oom", 1))
 
 
 def finish_attempt(session: Session, *, job_id: uuid.UUID, attempt: int, worker_id: str | None,
@@ -151,7 +190,8 @@ def finish_attempt(session: Session, *, job_id: uuid.UUID, attempt: int, worker_
     """End an attempt. Retryable outcomes consume their budget and re-queue as attempt + 1.
 
     Returns the job's new status, or None when the attempt was no longer current (nothing changed).
-    ``worker_id=None`` is the reconciler acting on an expired lease. An unknown outcome is a ValueError.
+    ``worker_id=None`` is the reconciler acting on an expired lease; a worker's own report is fenced by its
+    lease (``fence``): one that lost it changes nothing. An unknown outcome is a ValueError.
     """
     try:
         outcome = Outcome(outcome)
@@ -159,7 +199,7 @@ def finish_attempt(session: Session, *, job_id: uuid.UUID, attempt: int, worker_
         raise ValueError(f"unknown outcome {outcome!r}; one of: {', '.join(Outcome)}") from None
     conds = [Job.id == job_id, Job.attempt == attempt, Job.status == JobStatus.RUNNING]
     if worker_id is not None:
-        conds.append(Job.worker_id == worker_id)
+        conds += [Job.worker_id == worker_id, Job.lease_expires_at > utcnow()]
     job = session.execute(select(Job).where(and_(*conds)).with_for_update()).scalar_one_or_none()
     if job is None:
         return None
@@ -175,12 +215,27 @@ def finish_attempt(session: Session, *, job_id: uuid.UUID, attempt: int, worker_
         terminate(session, job, JobStatus.CANCELLED, reason or "cancelled")
     elif outcome in (Outcome.PREEMPTED, Outcome.INFRA_ERROR):
         job.infra_failures += 1
-        if job.infra_failures <= job.max_infra_retries:
-            _retry(session, job, f"{reason or outcome}; retry {job.infra_failures}/{job.max_infra_retries} "
+        budget = infra_budget(job)
+        if job.infra_failures <= budget:
+            _retry(session, job, f"{reason or outcome}; retry {job.infra_failures}/{budget} "
                                  "(infrastructure budget), resuming from the latest checkpoint")
         else:
+            cap = " (capped by CRUCIBLE_MAX_INFRA_RETRIES)" if budget < job.max_infra_retries else ""
             terminate(session, job, JobStatus.FAILED,
-                      f"{reason or outcome}; infrastructure retry budget ({job.max_infra_retries}) exhausted")
+                      f"{reason or outcome}; infrastructure retry budget ({budget}{cap}) exhausted")
+    elif outcome == Outcome.OOM:
+        add_event(session, job.id, job.attempt, OOM_EVENT, reason=reason)
+        session.flush()
+        used = session.scalar(select(func.count()).select_from(JobEvent)
+                              .where(JobEvent.job_id == job.id, JobEvent.type == OOM_EVENT)) or 0
+        budget = oom_budget(job)
+        if used <= budget:
+            _retry(session, job, f"{reason or 'out of memory'}; retry {used}/{budget} (out-of-memory budget, "
+                                 "retries.oom), resuming from the latest checkpoint")
+        else:
+            terminate(session, job, JobStatus.FAILED,
+                      f"{reason or 'out of memory'}; out-of-memory retry budget ({budget}) exhausted: lower "
+                      "batch_size or image_size, or raise resources.mem_gb")
     elif outcome == Outcome.USER_ERROR:
         job.user_failures += 1
         if job.user_failures <= job.max_user_retries:

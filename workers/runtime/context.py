@@ -10,23 +10,33 @@ Under torchrun (``resources.gpus > 1``) every rank builds a context from the sam
 rank-aware (``RANK``/``WORLD_SIZE``): only rank 0 emits events and uploads checkpoints/artifacts; the
 other ranks report nothing (their output would duplicate rank 0's) but still read inputs and the resume
 checkpoint. A single process is rank 0 of 1, unchanged.
+
+Events go to the event channel (protocol.py), log lines to stdout. Checkpoints are serialised on the
+training thread (the state shares storage with the live model) but hashed and uploaded by a background
+thread: the step loop continues while the previous checkpoint uploads. At most one upload is in flight; a
+final checkpoint, a preemption (``check_preempt``) and ``close()`` (job end) wait for it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, cast
 
+from pydantic import ValidationError
 from typing_extensions import TypeVar
 
 from shared.specs import JobSpecBase, parse_spec
-from workers.runtime.protocol import JOB_FILE, encode_event
+from workers.runtime.protocol import EVENTS_FIFO, JOB_FILE, encode_event
+
+log = logging.getLogger("crucible.context")
 
 
 class Preempted(Exception):  # noqa: N818 - it is a control-flow signal, not an error
@@ -51,15 +61,29 @@ class JobContext(Generic[SpecT]):
         self.job_id: str = job["job_id"]
         self.attempt: int = int(job["attempt"])
         self.kind: str = job["kind"]
-        self.spec: SpecT = cast(SpecT, parse_spec(job["spec"]))  # the kind registry ties kind to spec type
+        try:
+            # the kind registry ties kind to spec type
+            self.spec: SpecT = cast(SpecT, parse_spec(job["spec"]))
+        except ValidationError as e:
+            raise JobConfigError(f"the job's spec does not validate: {e}") from e
         self.inputs: dict[str, Any] = job.get("inputs", {})
         resume = job.get("resume") or {}
         self.resume_path: Path | None = Path(resume["path"]) if resume.get("path") else None
         self.resume_info: dict[str, Any] = resume
         self.rank = int(os.environ.get("RANK", "0") or 0)
         self.world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        self._emit = (emit or _print_line) if self.is_main else _drop_line
+        self._emit: Callable[[str], None]
+        self._log_line: Callable[[str], None]
+        if not self.is_main:
+            self._emit, self._log_line = _drop_line, _drop_line
+        elif emit is not None:  # tests: one sink for both
+            self._emit, self._log_line = emit, emit
+        else:
+            self._emit, self._log_line = _channel(self.workdir), _print_line
         self._store = store
+        self._upload: threading.Thread | None = None
+        self._upload_error: BaseException | None = None
+        self._seq = 0
         self.stop_requested = False
         self._t0 = time.monotonic()
         self._done0: int | None = None
@@ -82,18 +106,24 @@ class JobContext(Generic[SpecT]):
         signal.signal(signal.SIGINT, _handler)
 
     def check_preempt(self, save: Callable[[], Any] | None = None) -> None:
-        """If a stop was requested: run ``save`` (typically a checkpoint), then raise ``Preempted``."""
+        """If a stop was requested: run ``save`` (typically a checkpoint), wait for its upload, raise ``Preempted``."""
         if self.stop_requested:
             if save is not None:
                 save()
+            self.wait_uploads()
             raise Preempted()
 
     # --- reporting ---------------------------------------------------------------------------
     def log(self, message: str) -> None:
-        self._emit(message)
+        self._log_line(message)
 
     def event(self, event_type: str, **payload: Any) -> None:
-        self._emit(encode_event(event_type, **payload))
+        try:
+            line = encode_event(event_type, **payload)
+        except ValidationError as e:  # a bad report must not stop training; say what was wrong instead
+            self.log(f"dropped an invalid {event_type} event: {e}")
+            return
+        self._emit(line)
 
     def progress(self, done: int, total: int, *, epoch: int | None = None, unit: str = "step",
                  min_interval_s: float = 0.5) -> None:
@@ -127,26 +157,60 @@ class JobContext(Generic[SpecT]):
         return self._store
 
     def save_checkpoint(self, state: dict[str, Any], *, epoch: int, step: int, final: bool = False) -> str:
-        """Save ``state`` (with the spec's critical config) to the object store; returns its key.
+        """Save ``state`` (with the spec's critical config) to the object store.
 
-        On ranks other than 0 nothing is written (returns ""): rank 0 holds the same state."""
+        Serialises now, uploads in the background (the previous upload is waited for first, so checkpoints
+        are recorded in order and at most two are on local disk). ``final=True`` waits for its own upload and
+        returns the object key; otherwise returns "" at once. On ranks other than 0 nothing is written
+        (returns ""): rank 0 holds the same state."""
         if not self.is_main:
             return ""
         import torch
 
         payload = dict(state)
+        critical = self.spec.critical_config()
         payload["crucible"] = {
             "job_id": self.job_id, "attempt": self.attempt, "epoch": epoch, "step": step,
-            "critical": self.spec.critical_config(), "spec": self.spec.model_dump(mode="json"),
+            "critical": critical, "spec": self.spec.model_dump(mode="json"),
         }
-        path = self.workdir / "checkpoint.pt"
+        self._seq += 1
+        path = self.workdir / f"checkpoint-{self._seq}.pt"
         tmp = path.with_suffix(".tmp")
         torch.save(payload, tmp)
         tmp.replace(path)
-        obj = self.store.put_file(path)
-        self.event("checkpoint", epoch=epoch, step=step, key=obj.key, sha256=obj.sha256, size=obj.size,
-                   final=final, critical=payload["crucible"]["critical"])
-        return obj.key
+        self.wait_uploads()
+        keys: list[str] = []
+
+        def upload() -> None:
+            try:
+                obj = self.store.put_file(path)  # hashes, then uploads unless the content is there already
+                self.event("checkpoint", epoch=epoch, step=step, key=obj.key, sha256=obj.sha256, size=obj.size,
+                           final=final, critical=critical)
+                keys.append(obj.key)
+            except BaseException as e:  # surfaced on the training thread at the next save/wait
+                self._upload_error = e
+            finally:
+                path.unlink(missing_ok=True)
+
+        self._upload = threading.Thread(target=upload, name=f"checkpoint-upload-{self._seq}", daemon=True)
+        self._upload.start()
+        if final:
+            self.wait_uploads()
+            return keys[0] if keys else ""
+        return ""
+
+    def wait_uploads(self) -> None:
+        """Block until the checkpoint upload in flight (if any) is done; re-raise its failure here."""
+        if self._upload is not None:
+            self._upload.join()
+            self._upload = None
+        if self._upload_error is not None:
+            err, self._upload_error = self._upload_error, None
+            raise RuntimeError(f"checkpoint upload failed: {err}") from err
+
+    def close(self) -> None:
+        """Job end: the last checkpoint's upload completes (and is reported) before the process exits."""
+        self.wait_uploads()
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The state to resume from, or None on a fresh start."""
@@ -155,7 +219,8 @@ class JobContext(Generic[SpecT]):
         import torch
 
         # weights_only=False: our own checkpoints carry plain-python metadata next to tensors.
-        return torch.load(self.resume_path, map_location="cpu", weights_only=False)
+        state: dict[str, Any] = torch.load(self.resume_path, map_location="cpu", weights_only=False)
+        return state
 
     def save_artifact(self, path: Path, *, name: str, artifact_kind: str = "file",
                       meta: dict[str, Any] | None = None) -> str:
@@ -164,11 +229,30 @@ class JobContext(Generic[SpecT]):
         obj = self.store.put_file(Path(path))
         self.event("artifact", name=name, artifact_kind=artifact_kind, key=obj.key, sha256=obj.sha256,
                    size=obj.size, meta=meta or {})
-        return obj.key
+        return str(obj.key)
 
 
 def _drop_line(line: str) -> None:
     """Event sink of non-zero ranks."""
+
+
+def _channel(workdir: Path) -> Callable[[str], None]:
+    """Writer of the event channel: the supervisor's FIFO if there is one, else stdout (a bare ``child WORKDIR``
+    run by hand). Thread-safe (the checkpoint uploader reports from its own thread); whole lines only."""
+    fifo = workdir / EVENTS_FIFO
+    if not fifo.exists():
+        return _print_line
+    fd = os.open(fifo, os.O_WRONLY)  # the supervisor holds the read end open before the child starts
+    lock = threading.Lock()
+
+    def write(line: str) -> None:
+        data = (line + "\n").encode()
+        with lock:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+
+    return write
 
 
 def _print_line(line: str) -> None:

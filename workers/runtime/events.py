@@ -1,4 +1,10 @@
-"""Relay the child's output to Postgres (events, artifacts, progress, lease) and to MLflow (metrics, tags)."""
+"""Relay the child's output to Postgres (events, artifacts, progress) and to MLflow (metrics, tags).
+
+Log lines come from the child's stdout, events from its event channel (protocol.py), validated on receipt:
+an invalid event is logged and dropped. Everything is buffered and written in batches (``flush``), each batch
+in one transaction fenced by the attempt's lease (``lifecycle.fence``): an attempt that lost its lease writes
+nothing, so the next attempt can never resume from, or report, what a superseded one produced.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from shared import lifecycle
 from shared.db import session_scope
 from shared.lineage import link_parents
 from shared.models import Artifact, Job
-from workers.runtime.protocol import decode_line
+from workers.runtime import protocol
 
 log = logging.getLogger("crucible.supervisor")
 
@@ -34,6 +40,9 @@ class EventRelay:
         self._last_checkpoint: uuid.UUID | None = None
         self._input_artifacts: set[str] = set()  # checkpoints this job consumed (teachers, models to evaluate)
         self._mlflow_warned = False
+        self.invalid_events = 0
+        self.dropped_events = self.dropped_artifacts = 0  # what a lost lease kept from being written
+        self.lost = False  # a fenced flush found the lease gone: nothing more is written
 
     def resumed_from(self, artifact_id: uuid.UUID) -> None:
         self._last_checkpoint = artifact_id
@@ -43,55 +52,88 @@ class EventRelay:
 
     # --- parsing -----------------------------------------------------------------------------
     def handle_line(self, line: str) -> None:
-        event = decode_line(line)
-        if event is None:
-            self._events.append(("log", {"line": line}))
+        """A line of the child's stdout/stderr: a log line, whatever it looks like."""
+        self._events.append(("log", {"line": line}))
+
+    def handle_event(self, line: str) -> None:
+        """A line of the event channel: a typed event, or dropped (with a warning) if it does not validate."""
+        try:
+            event = protocol.parse_event(line)
+        except ValueError as e:
+            self.invalid_events += 1
+            if self.invalid_events <= 5:
+                log.warning("job %s: dropped an invalid event (%s): %.200s", self.job_id, e, line)
             return
-        kind = event.pop("type")
-        if kind == "progress":
-            done, total = float(event.get("done", 0)), float(event.get("total") or 0)
-            frac = min(1.0, done / total) if total > 0 else 0.0
-            self._progress = (frac, event.get("eta_s"))
-            self._last_progress_event = {**event, "fraction": round(frac, 4)}
-            self._points.append(("progress", frac, int(done)))
-            if event.get("eta_s") is not None:
-                self._points.append(("eta_seconds", float(event["eta_s"]), int(done)))
-        elif kind == "metrics":
-            step = int(event.get("step", 0))
-            values = event.get("values", {})
-            self._points.extend((k, float(v), step) for k, v in values.items())
-            self._events.append(("metrics", {"step": step, "values": values}))
-        elif kind in ("checkpoint", "artifact"):
-            self._artifacts.append({"type": kind, **event})
-        elif kind == "result":
-            values = {k: float(v) for k, v in event.get("values", {}).items()}
-            self.result.update(values)
-            self._points.extend((k, v, 0) for k, v in values.items())
-            self._events.append(("result", {"values": values}))
-        else:
-            self._events.append((kind, event))
+        if isinstance(event, protocol.Progress):
+            frac = min(1.0, event.done / event.total) if event.total > 0 else 0.0
+            self._progress = (frac, event.eta_s)
+            self._last_progress_event = {**event.model_dump(exclude={"type"}), "fraction": round(frac, 4)}
+            self._points.append(("progress", frac, event.done))
+            if event.eta_s is not None:
+                self._points.append(("eta_seconds", event.eta_s, event.done))
+        elif isinstance(event, protocol.Metrics):
+            self._points.extend((k, v, event.step) for k, v in event.values.items())
+            self._events.append(("metrics", {"step": event.step, "values": event.values}))
+        elif isinstance(event, protocol.Checkpoint | protocol.Artifact):
+            self._artifacts.append(event.model_dump(mode="json"))
+        elif isinstance(event, protocol.Result):
+            self.result.update(event.values)
+            self._points.extend((k, v, 0) for k, v in event.values.items())
+            self._events.append(("result", {"values": event.values}))
 
     # --- flushing ----------------------------------------------------------------------------
-    def flush(self, *, lease_s: float) -> lifecycle.LeaseState:
-        """Write what accumulated and renew the lease, in one transaction; then log to MLflow."""
+    def flush(self) -> bool:
+        """Write what accumulated in one transaction fenced by the lease; then log to MLflow.
+
+        Returns False (and drops the batch) when the lease is gone."""
         from shared.config import get_settings
 
-        settings = get_settings()
-        with session_scope() as s:
-            if self._last_progress_event is not None:
-                self._events.append(("progress", self._last_progress_event))
-                self._last_progress_event = None
-            for type_, data in self._events:
-                lifecycle.add_event(s, self.job_id, self.attempt, type_, **data)
-            self._events.clear()
-            for art in self._artifacts:
-                self._record_artifact(s, art, settings.S3_BUCKET)
-            self._artifacts.clear()
+        if self.lost:
+            self._drop()
+            return False
+        if self._last_progress_event is not None:
+            self._events.append(("progress", self._last_progress_event))
+            self._last_progress_event = None
+        if self._events or self._artifacts or self._progress:
+            settings = get_settings()
             frac, eta = self._progress if self._progress else (None, None)
-            lease = lifecycle.renew_lease(s, job_id=self.job_id, attempt=self.attempt, worker_id=self.worker_id,
-                                          lease_s=lease_s, progress=frac, eta_seconds=eta)
+            try:
+                with session_scope() as s:
+                    lifecycle.fence(s, job_id=self.job_id, attempt=self.attempt, worker_id=self.worker_id,
+                                    progress=frac, eta_seconds=eta)
+                    for type_, data in self._events:
+                        lifecycle.add_event(s, self.job_id, self.attempt, type_, **data)
+                    last_ckpt = self._last_checkpoint
+                    try:
+                        for art in self._artifacts:
+                            self._record_artifact(s, art, settings.S3_BUCKET)
+                    except BaseException:
+                        self._last_checkpoint = last_ckpt
+                        raise
+            except lifecycle.LeaseLost:
+                self.lost = True
+                self._drop()
+                return False
+            self._events.clear()
+            self._artifacts.clear()
+            self._progress = None
         self._flush_mlflow()
-        return lease
+        return True
+
+    def drop(self) -> None:
+        """The attempt is over without its lease: forget what is buffered (and count it)."""
+        self.lost = True
+        self._drop()
+
+    def _drop(self) -> None:
+        self.dropped_events += len(self._events) + (self._last_progress_event is not None)
+        self.dropped_artifacts += len(self._artifacts)
+        self._events.clear()
+        self._artifacts.clear()
+        self._points.clear()
+        self._tags.clear()
+        self._progress = None
+        self._last_progress_event = None
 
     def _record_artifact(self, s: Any, art: dict[str, Any], bucket: str) -> None:
         job = s.get(Job, self.job_id)
@@ -103,7 +145,8 @@ class EventRelay:
                        job_id=self.job_id, attempt=self.attempt, meta=meta)
         s.add(row)
         s.flush()
-        link_parents(s, row.id, [self._dataset_artifact, self._last_checkpoint, *self._input_artifacts])
+        parents = [self._dataset_artifact, self._last_checkpoint, *self._input_artifacts]
+        link_parents(s, row.id, [p for p in parents if p is not None])
         lifecycle.add_event(s, self.job_id, self.attempt, art["type"], artifact_id=str(row.id), uri=row.uri,
                             **({"epoch": art.get("epoch"), "final": art.get("final")} if is_ckpt else {}))
         if is_ckpt:

@@ -12,11 +12,22 @@ Two protocols, reported under different names because their numbers are not inte
   neighbours of ``exp(cos / 0.1)``.
 
 Accuracies are fractions in [0, 1].
+
+``evaluate_knn`` results are cached on the worker's local disk (``CRUCIBLE_DATA_CACHE_DIR/knn``) under a
+digest of everything they depend on - the backbone's weights and buffers, both splits' pixels and labels, the
+normalisation and the evaluation settings - so the deterministic random-init baseline of a (dataset, backbone,
+seed) is computed once per worker, and a hit can never be a different evaluation. ``CRUCIBLE_LOCAL_CACHE=false``
+turns it off.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import tempfile
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -111,7 +122,25 @@ def evaluate_knn(backbone: nn.Module, train: EvalDataset, test: EvalDataset, *, 
                  num_classes: int, device: torch.device, seed: int = 0, amp_dtype: torch.dtype | None = None,
                  memory_format: torch.memory_format = torch.contiguous_format, batch_size: int = 512,
                  num_workers: int = 0) -> dict[str, float]:
-    """Extract features of both splits with ``backbone`` and return ``knn_accuracy``."""
+    """Extract features of both splits with ``backbone`` and return ``knn_accuracy`` (cached, see above)."""
+    cache = _cache_file(backbone, train, test, ks=sorted(set(ks)), num_classes=num_classes, device=device.type,
+                        seed=seed, amp=str(amp_dtype), fmt=str(memory_format), batch=batch_size)
+    if cache is not None and cache.is_file():
+        try:
+            return {str(k): float(v) for k, v in json.loads(cache.read_text()).items()}
+        except (OSError, ValueError, AttributeError):
+            cache.unlink(missing_ok=True)
+    result = _evaluate_knn(backbone, train, test, ks=ks, num_classes=num_classes, device=device, seed=seed,
+                           amp_dtype=amp_dtype, memory_format=memory_format, batch_size=batch_size,
+                           num_workers=num_workers)
+    if cache is not None:
+        _write_atomic(cache, json.dumps(result))
+    return result
+
+
+def _evaluate_knn(backbone: nn.Module, train: EvalDataset, test: EvalDataset, *, ks: Sequence[int],
+                  num_classes: int, device: torch.device, seed: int, amp_dtype: torch.dtype | None,
+                  memory_format: torch.memory_format, batch_size: int, num_workers: int) -> dict[str, float]:
     f_train, f_test = (
         extract_features(backbone, ds, device=device, batch_size=batch_size, amp_dtype=amp_dtype,
                          memory_format=memory_format, num_workers=num_workers)
@@ -119,3 +148,39 @@ def evaluate_knn(backbone: nn.Module, train: EvalDataset, test: EvalDataset, *, 
     )
     return knn_accuracy(f_train, train.labels.numpy(), f_test, test.labels.numpy(), ks=ks,
                         num_classes=num_classes, seed=seed)
+
+
+# --- the cache hook -------------------------------------------------------------------------------------------
+def _cache_file(backbone: nn.Module, train: EvalDataset, test: EvalDataset, **settings: object) -> Path | None:
+    from shared.config import get_settings
+
+    conf = get_settings()
+    if not conf.LOCAL_CACHE:
+        return None
+    h = hashlib.blake2b(digest_size=20)
+    h.update(json.dumps({"v": 1, "model": type(backbone).__name__, **settings}, sort_keys=True).encode())
+    for name, t in backbone.state_dict().items():
+        _hash_tensor(h, name, t)
+    for split, ds in (("train", train), ("test", test)):
+        _hash_tensor(h, f"{split}.images", ds.images)
+        _hash_tensor(h, f"{split}.labels", ds.labels)
+        _hash_tensor(h, f"{split}.mean", ds.transform.mean)
+        _hash_tensor(h, f"{split}.std", ds.transform.std)
+    return conf.data_cache_dir / "knn" / f"{h.hexdigest()}.json"
+
+
+def _hash_tensor(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    h.update(f"{name}:{flat.dtype}:{tuple(t.shape)};".encode())
+    h.update(memoryview(flat.view(torch.uint8).numpy()))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".part-")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a full disk costs only the cache
