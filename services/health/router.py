@@ -34,8 +34,20 @@ def _checks() -> dict[str, Callable[[], None]]:
         with get_celery().connection_for_write() as conn:
             conn.ensure_connection(max_retries=1, timeout=timeout)
 
+    def mlflow() -> None:
+        settings = get_settings()
+        uri = settings.MLFLOW_TRACKING_URI
+        if uri.startswith(("http://", "https://")):  # the server's own health page: no mlflow import needed
+            import urllib.request
+
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=settings.READY_TIMEOUT_SECONDS) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"MLflow answered {r.status} on /health")
+            return
+        Tracker().ping()
+
     return {"database": check_schema, "broker": broker, "object_store": lambda: ObjectStore().ping(),
-            "mlflow": lambda: Tracker().ping()}
+            "mlflow": mlflow}
 
 
 async def _run(fn: Callable[[], None], timeout: float) -> str:
