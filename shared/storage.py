@@ -65,7 +65,7 @@ def http_client(settings: Settings) -> urllib3.PoolManager:
         timeout=urllib3.Timeout(connect=settings.S3_CONNECT_TIMEOUT_SECONDS, read=settings.S3_READ_TIMEOUT_SECONDS),
         maxsize=10, cert_reqs="CERT_REQUIRED" if settings.S3_SECURE else "CERT_NONE",
         ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
-        retries=urllib3.Retry(total=2, connect=1, read=1, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        retries=urllib3.Retry(total=2, connect=1, read=0, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
     )
 
 

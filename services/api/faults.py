@@ -54,7 +54,7 @@ def _dependency_of(exc: BaseException) -> str | None:
     return None
 
 
-OUTAGES: tuple[type[BaseException], ...] = (
+OUTAGES: tuple[type[Exception], ...] = (
     sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError,
     sqlalchemy.exc.DisconnectionError, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError,
 )
@@ -78,6 +78,6 @@ def install_fault_handlers(app: FastAPI) -> None:
         except ImportError:
             continue
         for name in ("ConnectionError", "TimeoutError", "OperationalError"):
-            cls = getattr(mod, name, None)
-            if isinstance(cls, type) and issubclass(cls, Exception):
-                app.add_exception_handler(cls, handler)
+            found = getattr(mod, name, None)
+            if isinstance(found, type) and issubclass(found, Exception):
+                app.add_exception_handler(found, handler)
