@@ -95,8 +95,7 @@ class EmbeddedStack:
             localstack.wait_until(lambda: client.http.get("/readyz").status_code == 200, timeout=180,
                                   what="the API (/readyz)", log=self.logs / "api.log", interval=1.0)
         except BaseException:
-            for pid in pids.values():
-                localstack.stop_pid(pid, timeout=5)
+            localstack.stop_pids(list(pids.values()), timeout=5)
             self.state_file.unlink(missing_ok=True)
             raise
         echo(f"embedded stack ready: API {api_url}, data and logs in {self.home}")
@@ -125,9 +124,11 @@ class EmbeddedStack:
 
     def down(self, *, echo: Echo = print) -> None:
         pids = self.state().get("pids", {})
-        for name in ("worker", "scheduler", "api", "s3"):
-            if name in pids:
-                localstack.stop_pid(pids[name], timeout=30)
+        # The platform's processes first, all at once (the worker stops its child, the API drains), then the
+        # S3 server they may still be writing to. Exited children are reaped, so this takes seconds.
+        localstack.stop_pids([pids[n] for n in ("worker", "scheduler", "api") if n in pids], timeout=20)
+        if "s3" in pids:
+            localstack.stop_pids([pids["s3"]], timeout=10)
         self.state_file.unlink(missing_ok=True)
         echo("embedded stack stopped" if pids else "embedded stack was not running")
 

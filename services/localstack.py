@@ -145,19 +145,46 @@ def stop(proc: subprocess.Popen[bytes] | None, *, timeout: float = 15.0) -> None
         pass
 
 
-def stop_pid(pid: int, *, timeout: float = 15.0) -> None:
+def _gone(pid: int) -> bool:
+    """True once ``pid`` has exited. A child of ours is reaped here: an exited but unreaped child is a zombie,
+    which ``kill(pid, 0)`` still finds, so without the reap every stop would wait out its full timeout."""
     try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return True
+    except ChildProcessError:  # not our child: someone else reaps it
         pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def stop_pids(pids: list[int], *, timeout: float = 15.0) -> None:
+    """SIGTERM every process group at once, wait for all (one shared deadline), SIGKILL what is left."""
+    for pid in pids:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + timeout
+    left = [p for p in pids if not _gone(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if not _gone(p)]
+    for pid in left:
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    kill_deadline = time.monotonic() + 5
+    while left and time.monotonic() < kill_deadline:
+        time.sleep(0.05)
+        left = [p for p in left if not _gone(p)]
+
+
+def stop_pid(pid: int, *, timeout: float = 15.0) -> None:
+    stop_pids([pid], timeout=timeout)

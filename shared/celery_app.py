@@ -48,7 +48,12 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=3,
-        broker_transport_options={"visibility_timeout": 24 * 3600} if s.BROKER_URL.startswith("redis") else {},
+        # Bounded socket operations and connection retries: a dead Redis fails a publish within seconds (the
+        # outbox row waits for the next cycle) instead of blocking the dispatcher.
+        broker_transport_options={"visibility_timeout": 24 * 3600, "socket_timeout": s.BROKER_TIMEOUT_SECONDS,
+                                  "socket_connect_timeout": s.BROKER_TIMEOUT_SECONDS, "max_retries": 1,
+                                  "connect_retries_timeout": s.BROKER_TIMEOUT_SECONDS}
+        if s.BROKER_URL.startswith("redis") else {},
         worker_send_task_events=False,
     )
     return app

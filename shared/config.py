@@ -34,6 +34,20 @@ class Settings(BaseSettings):
     DATABASE_URL: str = ""
     BROKER_URL: str = ""
     DB_POOL_SIZE: int = 5
+    # Fail soft: every dependency call is bounded, so an outage is a 503 within seconds, not a hung request.
+    DB_CONNECT_TIMEOUT_SECONDS: int = 3
+    DB_STATEMENT_TIMEOUT_SECONDS: float = 30.0
+    DB_POOL_TIMEOUT_SECONDS: float = 5.0
+    S3_CONNECT_TIMEOUT_SECONDS: float = 3.0
+    S3_READ_TIMEOUT_SECONDS: float = 10.0  # per socket read: a frozen S3 server is an error within this
+    MLFLOW_TIMEOUT_SECONDS: float = 10.0
+    BROKER_TIMEOUT_SECONDS: float = 3.0
+    READY_TIMEOUT_SECONDS: float = 3.0  # /readyz answers within this, whatever hangs
+    RETRY_AFTER_SECONDS: int = 5  # the Retry-After of a 503 while a dependency is down
+    API_KEY_CACHE_SECONDS: float = 5.0  # a revoked key stops working within this
+    # Access log: "errors" logs 5xx and slow requests only (cheap), "all" every request, "off" nothing.
+    ACCESS_LOG: Literal["off", "errors", "all"] = "errors"
+    SLOW_REQUEST_SECONDS: float = 1.0
 
     # --- object storage (any S3 endpoint; MinIO in deployment, SeaweedFS embedded) -------------
     S3_ENDPOINT: str = "127.0.0.1:8333"

@@ -45,8 +45,16 @@ def make_engine(settings: Settings) -> Engine:
             cur.close()
 
         return engine
+    # Fail fast instead of hanging: a bounded connect, a server-side statement timeout and a bounded wait for a
+    # pooled connection, so a database outage turns into an error (503) within seconds, never a stuck thread.
+    # pool_pre_ping replaces connections a restarted server closed, so recovery needs no restart of ours.
+    connect_args: dict[str, object] = {}
+    if url.startswith("postgresql"):
+        connect_args = {"connect_timeout": settings.DB_CONNECT_TIMEOUT_SECONDS,
+                        "options": f"-c statement_timeout={int(settings.DB_STATEMENT_TIMEOUT_SECONDS * 1000)}"}
     return create_engine(
         url, pool_pre_ping=True, pool_size=settings.DB_POOL_SIZE, max_overflow=10, pool_recycle=1800,
+        pool_timeout=settings.DB_POOL_TIMEOUT_SECONDS, connect_args=connect_args,
     )
 
 

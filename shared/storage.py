@@ -15,6 +15,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import BinaryIO
 
+import certifi
+import urllib3
 from minio import Minio
 from minio.error import S3Error
 
@@ -55,6 +57,18 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
+def http_client(settings: Settings) -> urllib3.PoolManager:
+    """minio's default client waits 5 minutes per socket operation and retries 5 times: a frozen S3 server would
+    hang a request for half an hour. Bounded connect/read timeouts and two quick retries make it an error
+    (503 at the API) within seconds; a read timeout bounds one socket read, so large transfers still work."""
+    return urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=settings.S3_CONNECT_TIMEOUT_SECONDS, read=settings.S3_READ_TIMEOUT_SECONDS),
+        maxsize=10, cert_reqs="CERT_REQUIRED" if settings.S3_SECURE else "CERT_NONE",
+        ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+        retries=urllib3.Retry(total=2, connect=1, read=0, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+    )
+
+
 class ObjectStore:
     """Thin, typed wrapper over one bucket of an S3 endpoint."""
 
@@ -64,7 +78,7 @@ class ObjectStore:
         self._region = s.S3_REGION
         self.client = Minio(
             s.S3_ENDPOINT, access_key=s.S3_ACCESS_KEY, secret_key=s.S3_SECRET_KEY.get_secret_value(),
-            secure=s.S3_SECURE, region=s.S3_REGION,
+            secure=s.S3_SECURE, region=s.S3_REGION, http_client=http_client(s),
         )
         # Presigned URLs must name the host clients reach, which can differ from the in-cluster one.
         self._presigner = self.client

@@ -8,6 +8,7 @@ the MLflow artifact proxy are a known failure mode (mlflow#8539, #7564).
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -35,6 +36,7 @@ class Tracker:
         from mlflow import MlflowClient
 
         self.settings = settings or get_settings()
+        _bound_http(self.settings)
         self.client = MlflowClient(tracking_uri=self.settings.MLFLOW_TRACKING_URI)
 
     def ping(self) -> None:
@@ -98,6 +100,15 @@ class Tracker:
 
     def terminate(self, run_id: str, job_status: str) -> None:
         self.client.set_terminated(run_id, status=TERMINAL_STATUS.get(job_status, "FAILED"))
+
+
+def _bound_http(settings: Settings) -> None:
+    """MLflow's REST client waits 120 s per request and retries 7 times with exponential backoff (minutes in all)
+    when the server is down; bound it so a dead MLflow is an error within seconds. MLflow reads these
+    variables per request; an operator's own setting wins."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(max(1, int(settings.MLFLOW_TIMEOUT_SECONDS))))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
 def _metric_key(name: str) -> str:

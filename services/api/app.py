@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
+from services.api.faults import install_fault_handlers
 from services.api.limits import InputLimits
 from services.artifacts.router import router as artifacts_router
 from services.datasets.router import router as datasets_router
@@ -83,6 +84,7 @@ def create_app(*, check_schema: bool = True) -> FastAPI:
         detail = jsonable_encoder(clean_validation_errors(exc.errors()))
         return JSONResponse(status_code=422, content={"detail": detail})
 
+    install_fault_handlers(app)  # a dependency outage is a 503 with Retry-After, never a 500
     app.include_router(health_router)
     install_metrics(app)  # GET /metrics, GET /metrics/queues and the request-latency middleware
     for router in (projects_router, jobs_router, datasets_router, artifacts_router):

@@ -62,8 +62,11 @@ def api(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
 
     _logging()
     check_schema()
+    # uvloop + httptools (uvicorn[standard]); uvicorn's own access log formats a line per request, which costs
+    # more than the request itself on the hot paths: services/metrics/middleware.py logs errors and slow
+    # requests instead (every request with CRUCIBLE_ACCESS_LOG=all), and Prometheus counts the rest.
     uvicorn.run("services.api.app:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level="info")
+                log_level="info", access_log=False, loop="auto", http="auto", backlog=4096)
 
 
 @app.command()
@@ -116,14 +119,18 @@ def db_check() -> None:
 @friendly
 def keys_create(project: Annotated[str, typer.Option(help="project name (created if missing)")],
                 name: str = "default",
+                expires_in_days: Annotated[float | None, typer.Option(help="expire after this many days")] = None,
                 save: Annotated[bool, typer.Option(help="save as this machine's client key")] = False) -> None:
     """Create a project-scoped API key and print it (it is shown only once)."""
+    from datetime import timedelta
+
     from services.projects.service import create_key
     from shared.db import check_schema, session_scope
 
     check_schema()
     with session_scope() as s:
-        _, token = create_key(session=s, project_name=project, name=name)
+        _, token = create_key(session=s, project_name=project, name=name,
+                              expires_in=timedelta(days=expires_in_days) if expires_in_days is not None else None)
     if save:
         from services.embedded import save_client_config
 
@@ -131,15 +138,57 @@ def keys_create(project: Annotated[str, typer.Option(help="project name (created
     typer.echo(token)
 
 
-@keys_app.command("revoke")
+@keys_app.command("list")
 @friendly
-def keys_revoke(prefix: Annotated[str, typer.Argument(help="the key, or its first 12 characters")]) -> None:
-    from services.projects.service import revoke_key
+def keys_list(project: Annotated[str, typer.Option(help="project name")]) -> None:
+    """List a project's keys (id, name, prefix, last use, expiry, revocation)."""
+    from sqlalchemy import select
+
+    from services.projects.service import list_keys
     from shared.db import session_scope
+    from shared.models import Project
 
     with session_scope() as s:
-        n = revoke_key(session=s, prefix=prefix)
-    typer.echo(f"revoked {n} key(s)")
+        proj = s.scalars(select(Project).where(Project.name == project)).first()
+        if proj is None:
+            raise ValueError(f"no project {project!r}")
+        keys = list_keys(session=s, project_id=proj.id)
+        typer.echo(f"{'ID':36}  {'PREFIX':12}  {'NAME':16} {'LAST USED':20} {'EXPIRES':20} STATE")
+        for k in keys:
+            state = "revoked" if k.revoked_at else "active"
+            typer.echo(f"{k.id!s:36}  {k.prefix:12}  {k.name[:16]:16} {_when(k.last_used_at):20} "
+                       f"{_when(k.expires_at):20} {state}")
+
+
+def _when(ts: Any) -> str:
+    return ts.strftime("%Y-%m-%d %H:%M:%S") if ts is not None else "-"
+
+
+@keys_app.command("revoke")
+@friendly
+def keys_revoke(key: Annotated[str, typer.Argument(help="the key's id (`crucible keys list`), or the key itself")],
+                project: Annotated[str | None, typer.Option(help="only look in this project")] = None) -> None:
+    """Revoke exactly one key. A prefix shared by several keys is refused, never a mass revoke."""
+    from sqlalchemy import select
+
+    from services.errors import DomainError
+    from services.projects.service import revoke_key
+    from shared.db import session_scope
+    from shared.models import Project
+
+    with session_scope() as s:
+        project_id = None
+        if project is not None:
+            proj = s.scalars(select(Project).where(Project.name == project)).first()
+            if proj is None:
+                raise ValueError(f"no project {project!r}")
+            project_id = proj.id
+        try:
+            revoked = revoke_key(session=s, ref=key, project_id=project_id)
+        except DomainError as e:
+            raise ValueError(e.message) from None
+        typer.echo(f"revoked key {revoked.id} ({revoked.prefix}..., {revoked.name!r}); API replicas stop accepting "
+                   "it within seconds")
 
 
 # --- admin (operators) ---------------------------------------------------------------------------------------------

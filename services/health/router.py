@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 from collections.abc import Callable
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
+from shared.config import get_settings
+
 router = APIRouter(tags=["health"])
+
+# Checks run on their own small pool, never on the request thread pool: a check stuck on a frozen dependency
+# must not hold a thread that API requests need. Every client has its own timeout, so a stuck check ends.
+_pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="readyz")
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
@@ -23,24 +30,44 @@ def _checks() -> dict[str, Callable[[], None]]:
     from shared.tracking import Tracker
 
     def broker() -> None:
+        timeout = get_settings().BROKER_TIMEOUT_SECONDS
         with get_celery().connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1, timeout=3)
+            conn.ensure_connection(max_retries=1, timeout=timeout)
+
+    def mlflow() -> None:
+        settings = get_settings()
+        uri = settings.MLFLOW_TRACKING_URI
+        if uri.startswith(("http://", "https://")):  # the server's own health page: no mlflow import needed
+            import urllib.request
+
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=settings.READY_TIMEOUT_SECONDS) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"MLflow answered {r.status} on /health")
+            return
+        Tracker().ping()
 
     return {"database": check_schema, "broker": broker, "object_store": lambda: ObjectStore().ping(),
-            "mlflow": lambda: Tracker().ping()}
+            "mlflow": mlflow}
+
+
+async def _run(fn: Callable[[], None], timeout: float) -> str:
+    try:
+        await asyncio.wait_for(asyncio.wrap_future(_pool.submit(fn)), timeout=timeout)
+        return "ok"
+    except TimeoutError:
+        return f"error: no answer within {timeout:.0f}s"
+    except Exception as e:
+        return f"error: {type(e).__name__}: {e}"[:500]
 
 
 @router.get("/readyz", responses={503: {"description": "A dependency is down; the body says which and why"}})
-def readyz() -> JSONResponse:
-    results: dict[str, str] = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-        futures = {name: pool.submit(fn) for name, fn in _checks().items()}
-        for name, fut in futures.items():
-            try:
-                fut.result(timeout=10)
-                results[name] = "ok"
-            except Exception as e:
-                results[name] = f"error: {type(e).__name__}: {e}"[:500]
+async def readyz() -> JSONResponse:
+    """Answers within ``CRUCIBLE_READY_TIMEOUT_SECONDS`` whatever hangs: a check still running then is down."""
+    timeout = get_settings().READY_TIMEOUT_SECONDS
+    checks = _checks()
+    outcomes = await asyncio.gather(*(_run(fn, timeout) for fn in checks.values()))
+    results = dict(zip(checks, outcomes, strict=True))
     ok = all(v == "ok" for v in results.values())
     return JSONResponse(status_code=200 if ok else 503, content={"status": "ok" if ok else "unavailable",
-                                                                 "checks": results})
+                                                                 "checks": results},
+                        headers={} if ok else {"Retry-After": str(get_settings().RETRY_AFTER_SECONDS)})

@@ -16,6 +16,7 @@ from services.jobs.examples import SUBMIT_EXAMPLES
 from services.jobs.schemas import EventRead, JobRead, JobsPage, JobSubmit
 from shared.db import session_scope
 from shared.models import JobStatus
+from shared.specs import JobSpecBase
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -31,17 +32,27 @@ def _read(session: SessionDep, job: object) -> JobRead:
                         404: {"description": "Unknown dataset or parent job"},
                         409: {"description": "Idempotency-Key reused with another spec, or a parent already failed"},
                         422: {"description": "Invalid spec: `detail[].loc` names the field, `msg` the reason"}})
-def submit_job(
+async def submit_job(
     spec: Annotated[JobSubmit, Body(openapi_examples=SUBMIT_EXAMPLES)],
-    project: ProjectDep, session: SessionDep, response: Response,
+    project: ProjectDep, response: Response,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JobRead:
     """Submit a job. The spec's `kind` selects its schema; unknown fields are rejected."""
-    job, created = service.submit(session=session, project_id=project.id, spec=spec,
-                                  idempotency_key=idempotency_key)
+    out, created = await run_in_threadpool(_submit, project.id, spec, idempotency_key)  # one thread-pool hop
     if not created:
         response.status_code = status.HTTP_200_OK
-    return _read(session, job)
+    return out
+
+
+def _submit(project_id: uuid.UUID, spec: JobSpecBase, idempotency_key: str | None) -> tuple[JobRead, bool]:
+    with session_scope() as session:  # commits before the response is sent
+        job, created = service.submit(session=session, project_id=project_id, spec=spec,  # type: ignore[arg-type]
+                                      idempotency_key=idempotency_key)
+        if created and not spec.depends_on and "checkpoints" not in job.inputs:  # type: ignore[union-attr]
+            out = JobRead.model_validate(job)  # no parents: nothing to read back
+        else:
+            out = _read(session, job)
+    return out, created
 
 
 @router.get("", response_model=JobsPage)
@@ -57,8 +68,13 @@ def list_jobs(
 
 
 @router.get("/{job_id}", response_model=JobRead)
-def read_job(job_id: uuid.UUID, project: ProjectDep, session: SessionDep) -> JobRead:
-    return _read(session, service.get(session=session, project_id=project.id, job_id=job_id))
+async def read_job(job_id: uuid.UUID, project: ProjectDep) -> JobRead:
+    return await run_in_threadpool(_read_one, project.id, job_id)
+
+
+def _read_one(project_id: uuid.UUID, job_id: uuid.UUID) -> JobRead:
+    with session_scope() as session:
+        return _read(session, service.get(session=session, project_id=project_id, job_id=job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobRead, status_code=status.HTTP_202_ACCEPTED)

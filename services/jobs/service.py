@@ -1,5 +1,5 @@
 """Jobs: submit, read, list, cancel, events. Every check runs before the first write, and all writes of a
-submission (job, dependencies, outbox row, first event) commit together or not at all."""
+submission (job, dependencies, outbox row, first events) are one statement (services/jobs/submission.py)."""
 
 from __future__ import annotations
 
@@ -9,17 +9,17 @@ import uuid
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.datasets import service as dataset_service
 from services.errors import Conflict, Invalid, NotFound
+from services.jobs import submission
 from services.projects import service as project_service
 from shared import lifecycle
 from shared.config import get_settings
 from shared.kinds import worker_kind_for
 from shared.lineage import latest_checkpoint
-from shared.models import Artifact, Experiment, Job, JobDependency, JobEvent, JobStatus
+from shared.models import Artifact, Experiment, Job, JobDependency, JobEvent, JobStatus, utcnow
 from shared.specs import JobSpecBase
 
 
@@ -49,29 +49,28 @@ def submit(*, session: Session, project_id: uuid.UUID, spec: JobSpecBase,
         del inputs["checkpoints"]
     parents += [p for p in implicit if p.id not in {q.id for q in parents}]  # consuming a job's output waits for it
 
-    exp = project_service.get_or_create_experiment(session=session, project_id=project_id, name=spec.experiment)
-    job = Job(project_id=project_id, experiment_id=exp.id, name=spec.name, kind=kind,
+    exp_id = project_service.experiment_id(session=session, project_id=project_id, name=spec.experiment)
+    runnable = all(p.status == JobStatus.SUCCEEDED for p in parents)
+    now = utcnow()
+    job = Job(id=uuid.uuid4(), project_id=project_id, experiment_id=exp_id, name=spec.name, kind=kind,
               worker_kind=worker_kind_for(kind), spec=spec.model_dump(mode="json"), inputs=inputs,
               priority=spec.priority, idempotency_key=idempotency_key, request_hash=digest,
-              max_infra_retries=spec.retries.infra, max_user_retries=spec.retries.user, status=JobStatus.PENDING)
-    try:
-        with session.begin_nested():
-            session.add(job)
-            session.flush()
-    except IntegrityError:  # the same Idempotency-Key raced us
+              max_infra_retries=spec.retries.infra, max_user_retries=spec.retries.user,
+              status=JobStatus.QUEUED if runnable else JobStatus.PENDING, queued_at=now if runnable else None,
+              created_at=now, updated_at=now)
+    events: list[tuple[str, dict[str, Any]]] = [("submitted", {"kind": kind})]
+    if runnable:
+        events.append(("state", {"status": JobStatus.QUEUED.value, "reason": "submitted"}))
+    else:
+        waiting = sum(p.status != JobStatus.SUCCEEDED for p in parents)
+        events.append(("state", {"status": JobStatus.PENDING.value, "reason": f"waiting for {waiting} dependencies"}))
+    if not submission.write(session, job, events=events, parent_ids=[p.id for p in parents], enqueue=runnable):
+        # the same Idempotency-Key raced us: the other request's job is the answer
         existing = _by_idempotency_key(session, project_id, idempotency_key or "")
         if existing is None:
-            raise
+            raise Conflict("a concurrent submission with this Idempotency-Key did not commit; retry",
+                           loc=["header", "idempotency-key"])
         return _replay(existing, digest, idempotency_key or ""), False
-    for parent in parents:
-        session.add(JobDependency(job_id=job.id, parent_id=parent.id))
-    lifecycle.add_event(session, job.id, job.attempt, "submitted", kind=kind)
-    if all(p.status == JobStatus.SUCCEEDED for p in parents):
-        lifecycle.enqueue(session, job, reason="submitted")
-    else:
-        lifecycle.add_event(session, job.id, job.attempt, "state", status=JobStatus.PENDING.value,
-                            reason=f"waiting for {sum(p.status != JobStatus.SUCCEEDED for p in parents)} dependencies")
-    session.flush()
     return job, True
 
 

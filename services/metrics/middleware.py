@@ -7,12 +7,16 @@ a streamed body.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.metrics.collectors import API_LATENCY
+from shared.config import get_settings
+
+access_log = logging.getLogger("crucible.access")
 
 UNMATCHED = "<unmatched>"  # 404 probes and scanners: one label, not one per path tried
 
@@ -39,8 +43,15 @@ def route_label(scope: Scope) -> str:
 
 
 class RequestLatencyMiddleware:
+    """Times every request, and is the access log: one line per 5xx or slow request by default (the cheap
+    part of an access log that matters), every request with ``CRUCIBLE_ACCESS_LOG=all``."""
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        settings = get_settings()
+        self.log_all = settings.ACCESS_LOG == "all"
+        self.log_errors = settings.ACCESS_LOG != "off"
+        self.slow = settings.SLOW_REQUEST_SECONDS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -53,8 +64,13 @@ class RequestLatencyMiddleware:
             nonlocal observed
             if not observed:
                 observed = True
-                API_LATENCY.labels(scope["method"], route_label(scope), str(status)).observe(
-                    time.perf_counter() - started)
+                elapsed = time.perf_counter() - started
+                label = route_label(scope)
+                API_LATENCY.labels(scope["method"], label, str(status)).observe(elapsed)
+                if self.log_all or (self.log_errors and (status >= 500 or elapsed >= self.slow)):
+                    client = scope.get("client") or ("-", 0)
+                    access_log.info('%s "%s %s" %d %.1fms (%s)', client[0], scope["method"], scope.get("path", ""),
+                                    status, elapsed * 1000, label)
 
         async def send_timed(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import uuid
+
 from fastapi import APIRouter, status
 
 from services.api.deps import ProjectDep, SessionDep
 from services.errors import Conflict
 from services.projects import service
-from services.projects.schemas import ExperimentCreate, ExperimentRead, ProjectRead
+from services.projects.schemas import ExperimentCreate, ExperimentRead, KeyRead, ProjectRead
 
 router = APIRouter(tags=["projects"])
 
@@ -35,3 +37,17 @@ def create_experiment(body: ExperimentCreate, project: ProjectDep, session: Sess
 @router.get("/experiments/{experiment}", response_model=ExperimentRead)
 def read_experiment(experiment: str, project: ProjectDep, session: SessionDep) -> object:
     return service.get_experiment(session=session, project_id=project.id, name_or_id=experiment)
+
+
+@router.get("/keys", response_model=list[KeyRead], tags=["keys"])
+def list_keys(project: ProjectDep, session: SessionDep) -> object:
+    """The project's API keys (ids, names, prefixes, last use, expiry, revocation; never the secrets)."""
+    return service.list_keys(session=session, project_id=project.id)
+
+
+@router.delete("/keys/{key_id}", response_model=KeyRead, tags=["keys"],
+               responses={404: {"description": "No such key in this project"}})
+def revoke_key(key_id: uuid.UUID, project: ProjectDep, session: SessionDep) -> object:
+    """Revoke exactly this key. It stops working at once on this API replica and within
+    `CRUCIBLE_API_KEY_CACHE_SECONDS` (5 s) on the others."""
+    return service.revoke_key(session=session, ref=str(key_id), project_id=project.id)

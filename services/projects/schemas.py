@@ -26,3 +26,16 @@ class ExperimentRead(BaseModel):
     description: str | None
     mlflow_experiment_id: str | None
     created_at: datetime
+
+
+class KeyRead(BaseModel):
+    """An API key as listings show it: never the secret, only its first 12 characters."""
+
+    model_config = ConfigDict(from_attributes=True)
+    id: uuid.UUID
+    name: str
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None = Field(None, description="updated at most once a minute")
+    expires_at: datetime | None
+    revoked_at: datetime | None

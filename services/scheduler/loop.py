@@ -7,10 +7,13 @@ import logging
 import threading
 import time
 
+from celery import Celery
+
 from services.scheduler.dispatcher import dispatch_once
 from services.scheduler.reconciler import close_runs, reconcile_once
+from services.scheduler.wakeup import Wakeup
 from shared.celery_app import get_celery
-from shared.config import get_settings
+from shared.config import Settings, get_settings
 from shared.db import check_schema, session_scope
 
 log = logging.getLogger("crucible.scheduler")
@@ -22,6 +25,7 @@ def run_scheduler(stop: threading.Event | None = None) -> None:
     celery = get_celery()
     tracker = None
     stop = stop or threading.Event()
+    wakeup = Wakeup(settings).start()  # LISTEN/NOTIFY on Postgres: a submission is dispatched at once
     log.info("scheduler started (interval %.1fs, queue window %d)", settings.SCHEDULER_INTERVAL_SECONDS,
              settings.QUEUE_WINDOW)
     while not stop.is_set():
@@ -47,4 +51,18 @@ def run_scheduler(stop: threading.Event | None = None) -> None:
             settings.SCHEDULER_ALIVE_FILE.touch()  # the loop itself is alive, whatever the cycle's outcome
         except OSError:
             pass
-        stop.wait(max(0.0, settings.SCHEDULER_INTERVAL_SECONDS - (time.monotonic() - started)))
+        deadline = started + settings.SCHEDULER_INTERVAL_SECONDS
+        while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+            if wakeup.wait(min(left, 0.25)):  # woken by a submission: dispatch now, reconcile on schedule
+                _dispatch(celery, settings)
+    wakeup.stop()
+
+
+def _dispatch(celery: Celery, settings: Settings) -> None:
+    try:
+        with session_scope() as session:
+            d = dispatch_once(session, celery, settings)
+        if d.published:
+            log.info("dispatched %d job(s) on notify: %s", d.published, dict(d.per_queue))
+    except Exception:
+        log.exception("dispatch on notify failed; the next cycle retries")

@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Protocol, cast
 
-from sqlalchemy import CursorResult, delete, select
-from sqlalchemy.orm import Session
+from sqlalchemy import CursorResult, case, delete, exists, func, select, update
+from sqlalchemy.orm import Session, aliased
 
 from shared.config import Settings
 from shared.lifecycle import INFRA_ERROR, enqueue, finish_attempt, terminate
-from shared.models import Job, JobDependency, JobStatus, Worker, utcnow
+from shared.models import Job, JobDependency, JobStatus, Outbox, Worker, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -62,29 +62,54 @@ def reconcile_once(session: Session, settings: Settings) -> ReconcileStats:
         enqueue(session, job, reason=f"not claimed within {settings.REDISPATCH_AFTER_SECONDS:.0f}s; publishing again")
         stats.redispatched += 1
 
-    # 3. Dependencies: start jobs whose parents all succeeded; fail those with a parent that cannot.
-    pending = session.scalars(
-        select(Job).where(Job.status == JobStatus.PENDING).with_for_update(skip_locked=True)
-    ).all()
-    for job in pending:
-        parents = session.execute(
-            select(Job.id, Job.status).join(JobDependency, JobDependency.parent_id == Job.id)
-            .where(JobDependency.job_id == job.id)
-        ).all()
-        bad = [(pid, st) for pid, st in parents if st in (JobStatus.FAILED, JobStatus.CANCELLED)]
-        if bad:
-            pid, st = bad[0]
-            terminate(session, job, JobStatus.FAILED, f"dependency {pid} ended {st.value}; this job cannot run")
-            stats.dependency_failed += 1
-        elif all(st == JobStatus.SUCCEEDED for _, st in parents):
-            enqueue(session, job, reason="all dependencies succeeded")
-            stats.promoted += 1
+    # 3. Dependencies: start jobs whose parents all succeeded; fail those with a parent that cannot. One
+    #    aggregate over every pending job's parents; only the jobs that change are then loaded and locked.
+    stats.promoted, stats.dependency_failed = _settle_dependencies(session)
 
-    # 4. Forget workers that stopped heart-beating long ago (metrics and probes read this table).
+    # 4. Outbox rows whose job moved on before they were published (cancelled, or re-queued as another
+    #    attempt): one set-based UPDATE, so the dispatcher never ranks them again.
+    session.execute(
+        update(Outbox).where(Outbox.published_at.is_(None), ~exists().where(
+            Job.id == Outbox.job_id, Job.status == JobStatus.QUEUED, Job.attempt == Outbox.attempt))
+        .values(published_at=now, last_error="skipped: the job is no longer queued for this attempt")
+        .execution_options(synchronize_session=False)
+    )
+
+    # 5. Forget workers that stopped heart-beating long ago (metrics and probes read this table).
     gone = now - timedelta(seconds=10 * settings.HEARTBEAT_SECONDS + settings.LEASE_SECONDS)
     gone_rows = cast(CursorResult[Any], session.execute(delete(Worker).where(Worker.last_heartbeat_at < gone)))
     stats.stale_workers = gone_rows.rowcount  # a DELETE's result is a cursor result
     return stats
+
+
+def _settle_dependencies(session: Session) -> tuple[int, int]:
+    parent = aliased(Job)
+    blocked = parent.status.in_([JobStatus.FAILED, JobStatus.CANCELLED])
+    rows = session.execute(
+        select(Job.id, func.count(parent.id), func.sum(case((parent.status == JobStatus.SUCCEEDED, 1), else_=0)),
+               func.sum(case((blocked, 1), else_=0)))
+        .outerjoin(JobDependency, JobDependency.job_id == Job.id)
+        .outerjoin(parent, parent.id == JobDependency.parent_id)
+        .where(Job.status == JobStatus.PENDING)
+        .group_by(Job.id)
+    ).all()
+    promote = {jid for jid, total, ok, bad in rows if not bad and (ok or 0) == total}
+    fail = {jid for jid, _, _, bad in rows if bad}
+    if not promote and not fail:
+        return 0, 0
+    promoted = failed = 0
+    for job in session.scalars(select(Job).where(Job.id.in_(promote | fail), Job.status == JobStatus.PENDING)
+                               .with_for_update(skip_locked=True)):
+        if job.id in fail:
+            pid, st = session.execute(
+                select(parent.id, parent.status).join(JobDependency, JobDependency.parent_id == parent.id)
+                .where(JobDependency.job_id == job.id, blocked).limit(1)).one()
+            terminate(session, job, JobStatus.FAILED, f"dependency {pid} ended {st.value}; this job cannot run")
+            failed += 1
+        else:
+            enqueue(session, job, reason="all dependencies succeeded")
+            promoted += 1
+    return promoted, failed
 
 
 def close_runs(tracker: RunCloser | None, runs: list[tuple[str, str]]) -> None:

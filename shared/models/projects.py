@@ -27,7 +27,8 @@ class ApiKey(UUIDPk, Timestamped, Base):
     prefix: Mapped[str] = mapped_column(String(16), index=True)  # shown in listings; not secret
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
-    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)  # written at most once a minute
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)  # None: never expires
 
     project: Mapped[Project] = relationship(lazy="joined")
 

@@ -196,3 +196,59 @@ def test_broker_outage_delays_but_loses_nothing(client, auth, tmp_path):
             assert sorted(r.publish_attempts for r in rows) == [1, 1, 1, 1, 2]  # one failed try, then success
     finally:
         localstack.stop(proc)
+
+
+def test_a_saturated_queue_never_blocks_another_queue(client, auth):
+    """205 priority-100 jobs fill one queue's window; another project's job in an empty queue still goes at once."""
+    from tests.conftest import new_project_key
+
+    busy = [_submit(client, auth, priority=100) for _ in range(205)]
+    _, other_token = new_project_key("other")
+    lone = _submit(client, {"Authorization": f"Bearer {other_token}"})
+    with session_scope() as s:  # a job of another worker kind (its own queue, empty)
+        s.execute(update(Job).where(Job.id == lone).values(kind="distill", worker_kind="distiller"))
+        s.execute(update(Outbox).where(Outbox.job_id == lone).values(queue="crucible.distiller"))
+    _only_these([*busy, lone])
+    broker = RecordingBroker()
+    with session_scope() as s:
+        stats = dispatch_once(s, broker, get_settings())
+    sent = {uuid.UUID(j): q for j, q in broker.sent}
+    assert sent.get(lone) == "crucible.distiller"
+    window = stats.per_queue["crucible.ssl-trainer"]  # QUEUE_WINDOW plus any idle workers
+    assert 1 <= window < 205 and stats.held_by_window == 205 - window
+
+
+def test_pending_jobs_are_settled_in_one_pass(client, auth):
+    parent = _submit(client, auth)
+    children = [_submit(client, auth, depends_on=[str(parent)]) for _ in range(3)]
+    assert all(_status(c) == JobStatus.PENDING for c in children)
+    with session_scope() as s:
+        stats = reconcile_once(s, get_settings())
+    assert stats.promoted == 0 and all(_status(c) == JobStatus.PENDING for c in children)
+    with session_scope() as s:
+        s.execute(update(Job).where(Job.id == parent).values(status=JobStatus.SUCCEEDED))
+    with session_scope() as s:
+        stats = reconcile_once(s, get_settings())
+    assert stats.promoted >= 3 and all(_status(c) == JobStatus.QUEUED for c in children)
+
+
+def test_a_submission_wakes_the_dispatcher_without_waiting_for_the_poll(client, auth, monkeypatch):
+    import time
+
+    from services.scheduler.loop import run_scheduler
+
+    monkeypatch.setattr(get_settings(), "SCHEDULER_INTERVAL_SECONDS", 30.0)  # polling cannot explain a fast dispatch
+    monkeypatch.setattr(get_settings(), "QUEUE_WINDOW", 1000)
+    stop = threading.Event()
+    thread = threading.Thread(target=run_scheduler, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.5)  # first cycle done, listener connected
+        started = time.monotonic()
+        job_id = _submit(client, auth)
+        localstack.wait_until(lambda: _status(job_id) == JobStatus.DISPATCHED, timeout=5, what="dispatch on notify",
+                              interval=0.01)
+        assert time.monotonic() - started < 5
+    finally:
+        stop.set()
+        thread.join(timeout=10)

@@ -1,0 +1,24 @@
+"""API keys can expire
+
+Revision ID: 0004
+Revises: 0001
+"""
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = '0004'
+down_revision: str | None = '0001'
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table('api_keys') as batch:
+        batch.add_column(sa.Column('expires_at', sa.DateTime(timezone=True), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table('api_keys') as batch:
+        batch.drop_column('expires_at')
