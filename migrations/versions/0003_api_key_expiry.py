@@ -1,7 +1,7 @@
 """API keys can expire
 
-Revision ID: 0004
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 """
 from collections.abc import Sequence
 
