@@ -150,7 +150,7 @@ DEMO_SPEC: dict[str, Any] = {
     "kind": "ssl-train", "method": "msf", "experiment": "demo", "name": "msf-shapes-demo",
     "dataset": "builtin://shapes", "limit_train": 5000, "limit_test": 1000, "backbone": "resnet18",
     "stem": "imagenet", "batch_size": 32, "bank_size": 1024, "topk": 5, "lr": 0.00625, "weight_decay": 5e-4,
-    "augmentation": "weak/strong", "color_jitter": [0.4, 0.4, 0.4, 0.5], "knn_every": 2,
+    "augmentation": "weak/strong", "knn_every": 2,
 }
 
 

@@ -56,6 +56,7 @@ from workers.ssl_trainer.base import MethodSetup
 from workers.ssl_trainer.methods import build_method
 from workers.ssl_trainer.msf import spread
 from workers.ssl_trainer.state import export_part
+from shared.specs.recipes import describe as describe_recipe
 from workers.vision.augment import EvalTransform, build_view_transforms
 from workers.vision.backbones import create_backbone
 from workers.vision.data import EvalDataset, TwoViewDataset, load_job_dataset, train_loader
@@ -135,7 +136,11 @@ class Trainer:
         # --- data: two views per image (target/online), plus un-augmented sets for k-NN ------------------
         self.mean, self.std = dataset.channel_stats()
         t_target, t_online = build_view_transforms(spec.augmentation, dataset.image_size, self.mean, self.std,
-                                                   color_jitter=spec.color_jitter)
+                                                   recipe=spec.augment)
+        self._say(describe_recipe(spec.augment))
+        if dataset.family != spec.augment.preset and spec.augment.preset == "natural":
+            self._say(f"note: the dataset looks {dataset.family!r} (grey source images); augment.preset "
+                      f"{dataset.family!r} skips colour operations that do nothing on it")
         self.train_set = TwoViewDataset(dataset.train_images, dataset.train_labels, t_target, t_online,
                                         seed=spec.seed)
         self.knn_train = EvalDataset(dataset.train_images, dataset.train_labels, EvalTransform(self.mean, self.std))
@@ -247,7 +252,7 @@ class Trainer:
     def _epoch(self, runner: Any, epoch: int, step: int) -> tuple[float, int]:
         spec, ctx, model, device = self.spec, self.ctx, self.model, self.device
         lr = lr_at_epoch(epoch, base_lr=spec.lr, epochs=spec.epochs, schedule=spec.lr_schedule,
-                         milestones=spec.lr_milestones, decay=spec.lr_decay)
+                         milestones=spec.lr_milestones, decay=spec.lr_decay, warmup_epochs=spec.warmup_epochs)
         set_lr(self.optimizer, lr)
         t_epoch = time.perf_counter()
         sums: dict[str, Tensor] = {}
