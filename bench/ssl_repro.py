@@ -108,7 +108,8 @@ def curve_of(ctx: Any) -> list[dict[str, float]]:
     out = []
     for _, m in ctx.metrics:
         if "baseline_knn_top1_k20" in m:
-            out.append({"epoch": 0.0, "knn_top1_k1": m["baseline_knn_top1_k1"], "knn_top1_k20": m["baseline_knn_top1_k20"]})
+            out.append({"epoch": 0.0, "knn_top1_k1": m["baseline_knn_top1_k1"],
+                        "knn_top1_k20": m["baseline_knn_top1_k20"]})
         elif "knn_top1_k20" in m:
             out.append({"epoch": m["epoch"], "knn_top1_k1": m["knn_top1_k1"], "knn_top1_k20": m["knn_top1_k20"]})
     return out

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from shared.data import ImageDataset
 from shared.specs import SslTrainSpec
+from shared.specs.recipes import describe as describe_recipe
 from workers.common import device as dev
 from workers.common import distributed
 from workers.common.guards import check_finite, check_resumable, fmt_metrics
@@ -56,7 +57,6 @@ from workers.ssl_trainer.base import MethodSetup
 from workers.ssl_trainer.methods import build_method
 from workers.ssl_trainer.msf import spread
 from workers.ssl_trainer.state import export_part
-from shared.specs.recipes import describe as describe_recipe
 from workers.vision.augment import EvalTransform, build_view_transforms
 from workers.vision.backbones import create_backbone
 from workers.vision.data import EvalDataset, TwoViewDataset, load_job_dataset, train_loader

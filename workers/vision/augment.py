@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from shared.specs.recipes import BLUR_MIN_SIZE
+
 MOCO_JITTER = (0.4, 0.4, 0.4, 0.1)  # ColorJitter(brightness, contrast, saturation, hue) of MoCo-v2
 _LUMA = (0.299, 0.587, 0.114)
 
