@@ -65,7 +65,7 @@ def common_fields(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     return {"dataset": args.dataset, "limit_train": args.limit_train or None, "limit_test": args.limit_test or None,
             "backbone": args.backbone, "stem": args.stem, "image_size": args.image_size, "epochs": args.epochs,
             "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "seed": seed,
-            "knn_k": [1, 20], "num_workers": args.num_workers}
+            "knn_k": [1, 20], "num_workers": args.num_workers, "amp": args.amp, "channels_last": args.channels_last}
 
 
 def ssl_spec(method: str, args: argparse.Namespace, seed: int, **extra: Any) -> dict[str, Any]:
@@ -156,6 +156,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--knn-every", type=int, default=0, help="k-NN every N epochs: the learning curves")
     ap.add_argument("--probe-epochs", type=int, default=40)
     ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision (CUDA only)")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                    help="channels-last memory format (CUDA only)")
     ap.add_argument("--quick", action="store_true", help="1 epoch on 512 images: a smoke run, not a result")
     ap.add_argument("--json", type=Path, help="also write every run (with its curve) and the table as JSON here")
     args = ap.parse_args()
@@ -221,7 +224,8 @@ def main() -> None:
     print(f"\nssl_repro: {args.dataset} ({len(data.train_images)} train / {len(data.test_images)} test, "
           f"{args.image_size} px), {args.backbone} ({args.stem} stem), {args.epochs} epochs (warm-up "
           f"{args.warmup_epochs}), batch {args.batch_size}, lr {args.lr:g}, wd {args.weight_decay}, bank "
-          f"{args.bank_size}, {args.augmentation} views, seeds 0-{args.seeds - 1}; probe {args.probe_epochs} epochs")
+          f"{args.bank_size}, {args.augmentation} views, seeds 0-{args.seeds - 1}; probe {args.probe_epochs} epochs; "
+          f"amp {args.amp}, channels_last {args.channels_last} (CUDA only)")
     print(f"recipe: {recipe.model_dump()}")
     print(f"machine: {machine()}; total {total / 60:.1f} min\n")
     by_model: dict[str, dict[str, list[float]]] = {}
