@@ -115,3 +115,19 @@ def test_grey_uploads_are_detected(tmp_path: object) -> None:
     from shared.data.base import is_grey
 
     assert is_grey(x) and not is_grey(np.concatenate([x, x + np.array([0, 0, 1], dtype=np.uint8)]))
+
+
+def test_demo_runs_on_every_builtin_dataset_with_its_recipe() -> None:
+    from services.embedded import demo_spec, knn_report
+
+    mnist = spec(**{k: v for k, v in demo_spec("builtin://mnist").items() if k != "kind"})
+    assert mnist.dataset == "builtin://mnist" and mnist.augment.preset == "digits" and not mnist.augment.hflip
+    assert demo_spec("mnist", epochs=3)["epochs"] == 3 and demo_spec("shapes")["dataset"] == "builtin://shapes"
+    for bad, match in (("builtin://cifar10", "built-in dataset"), ("my-upload", "built-in dataset")):
+        with pytest.raises(ValueError, match=match):
+            demo_spec(bad)
+    with pytest.raises(ValueError, match="--epochs"):
+        demo_spec("mnist", epochs=0)
+    lines = knn_report({"knn_top1_k20": 0.73, "baseline_knn_top1_k20": 0.84}, epochs=8, dataset="builtin://mnist")
+    assert lines[0].startswith("k-NN top-1 accuracy on builtin://mnist")
+    assert lines[-1].startswith("note: MSF is NOT above random init on knn_top1_k20") and "MNIST" in lines[-1]
