@@ -11,14 +11,18 @@
 #   REPRO_METHODS=random,byol,msf,cmsf,isd,simreg-mlp,simreg-linear  the whole table (about 5x longer)
 #   REPRO_EPOCHS=100 REPRO_SEEDS=1                                   the budget (>= 100 epochs: the papers' regime)
 #   SKIP_REPRO=1                                                     only the smoke checks
+#   PY=python3                                                       skip the venv + pip (offline machines whose
+#                                                                    python already has the project's deps)
 set -euo pipefail
 OUT="${OUT:-/tmp/gpu-smoke}"
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu_smoke.log") 2>&1
-python3 -m venv /tmp/gpu-venv
-/tmp/gpu-venv/bin/pip install --quiet --upgrade pip
-/tmp/gpu-venv/bin/pip install --quiet -e '.[worker]' pytest
-PY=/tmp/gpu-venv/bin/python
+if [ -z "${PY:-}" ]; then  # PY=/path/to/python: an interpreter that already has the project's deps (no network)
+  python3 -m venv /tmp/gpu-venv
+  /tmp/gpu-venv/bin/pip install --quiet --upgrade pip
+  /tmp/gpu-venv/bin/pip install --quiet -e '.[worker]' pytest
+  PY=/tmp/gpu-venv/bin/python
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY - <<'PYEOF'
 import time, torch
