@@ -131,3 +131,18 @@ def test_demo_runs_on_every_builtin_dataset_with_its_recipe() -> None:
     lines = knn_report({"knn_top1_k20": 0.73, "baseline_knn_top1_k20": 0.84}, epochs=8, dataset="builtin://mnist")
     assert lines[0].startswith("k-NN top-1 accuracy on builtin://mnist")
     assert lines[-1].startswith("note: MSF is NOT above random init on knn_top1_k20") and "MNIST" in lines[-1]
+
+
+def test_the_mnist_example_is_the_mnist_demo_and_spells_out_the_preset() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from services.embedded import demo_spec
+
+    path = Path(__file__).resolve().parents[2] / "shared" / "specs" / "examples" / "msf-mnist.yaml"
+    example = parse_spec(yaml.safe_load(path.read_text())).model_dump(mode="json")
+    demo = parse_spec(demo_spec("builtin://mnist")).model_dump(mode="json")
+    skip = {"experiment", "name"}
+    assert {k: v for k, v in example.items() if k not in skip} == {k: v for k, v in demo.items() if k not in skip}
+    assert yaml.safe_load(path.read_text())["augment"] == example["augment"]  # written out = what resolves
