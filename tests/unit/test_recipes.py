@@ -146,3 +146,13 @@ def test_the_mnist_example_is_the_mnist_demo_and_spells_out_the_preset() -> None
     skip = {"experiment", "name"}
     assert {k: v for k, v in example.items() if k not in skip} == {k: v for k, v in demo.items() if k not in skip}
     assert yaml.safe_load(path.read_text())["augment"] == example["augment"]  # written out = what resolves
+
+
+def test_warmup_ramps_then_runs_the_schedule_over_the_rest() -> None:
+    from workers.common.schedule import lr_at_epoch
+
+    lrs = [lr_at_epoch(e, base_lr=0.3, epochs=10, warmup_epochs=2) for e in range(1, 11)]
+    assert lrs[:3] == pytest.approx([0.1, 0.2, 0.3])  # ramp, then cosine from the full LR
+    assert lrs[3:] == pytest.approx([lr_at_epoch(e, base_lr=0.3, epochs=8) for e in range(2, 9)])
+    assert [lr_at_epoch(e, base_lr=0.3, epochs=10) for e in range(1, 11)] == \
+        [lr_at_epoch(e, base_lr=0.3, epochs=10, warmup_epochs=0) for e in range(1, 11)]
