@@ -1,20 +1,29 @@
-"""Small-scale reproduction benchmark of the lab's SSL methods (issue 3), one command, 2 CPU cores.
+"""Small-scale reproduction benchmark of the lab's SSL methods (issues 3 and 14), one command, 2 CPU cores.
 
-Same budget for every method (dataset, epochs, batch, backbone, seed): random init, BYOL, MSF,
-CMSF-supervised, ISD, and SimReg students distilled from the MSF teacher with and without the MLP head.
-Each model is evaluated the same way: 20-NN (unweighted majority, the reference protocol) and the reference
-linear probe (L2-normalise → standardise → linear) on frozen backbone features.
+Same budget for every method (dataset, epochs, batch, backbone, views): random init, BYOL, MSF,
+CMSF-supervised, ISD, and SimReg students distilled from the MSF teacher with and without the MLP head, each
+trained once per seed (seeds 0 .. N-1: never selected). Each model is evaluated the same way: 20-NN
+(unweighted majority, the reference protocol) and the reference linear probe (L2-normalise -> standardise ->
+linear) on frozen backbone features. Rows are mean +- sample std over the seeds.
+
+The views follow the dataset family's recipe (shared/specs/recipes.py: no flips and grey jitter for digits,
+a full hue rotation for shapes, MoCo-v2 for natural images); ``--crop-scale``, ``--hflip`` / ``--no-hflip``
+and ``--color-jitter`` override it field by field, as a spec's ``augment`` block does.
 
 Expected from the papers: MSF > BYOL > random init; CMSF-supervised > MSF; SimReg with MLP head >= without.
-The table says which of these held at this scale - the numbers are printed as measured, not tuned to agree.
+A claim "holds" only when the gap of the means exceeds the spread (the std of the difference of the means
+over the seeds); the numbers are printed as measured, not tuned to agree.
 
-    python -m bench.ssl_repro [--epochs 8] [--limit-train 5000] [--quick]
+    python -m bench.ssl_repro [--dataset builtin://mnist] [--seeds 3] [--epochs 8] [--quick]
+    python -m bench.ssl_repro --dataset builtin://mnist --methods random,msf --seeds 3 --knn-every 1
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -23,66 +32,151 @@ from bench.common import machine
 
 NIL = "artifact:00000000-0000-0000-0000-000000000000"  # specs need a ref; the benchmark passes states directly
 
+# (key, row name, ssl-train method or None, extra spec fields)
+SSL_ROWS: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("byol", "BYOL (MSF k=1)", "byol", {}),
+    ("msf", "MSF (k=5)", "msf", {"topk": 5}),
+    ("cmsf", "CMSF-supervised (k=5)", "cmsf", {"topk": 5, "cmsf": {"constraint": "supervised"}}),
+    ("isd", "ISD (plus recipe)", "isd", {"isd": {"recipe": "plus"}}),
+]
+SIMREG_ROWS = [("simreg-mlp", "SimReg from MSF, MLP head", "mlp"), ("simreg-linear", "SimReg from MSF, linear head",
+                                                                     "linear")]
+ROW_NAMES = {"random": "random init", **{k: n for k, n, _, _ in SSL_ROWS}, **{k: n for k, n, _ in SIMREG_ROWS}}
+# (claim, a, b, strict): "a > b" holds when mean(a) - mean(b) exceeds the spread; "a >= b" unless b leads by more.
+CLAIMS = [("MSF > BYOL", "msf", "byol", True), ("BYOL > random init", "byol", "random", True),
+          ("MSF > random init", "msf", "random", True), ("CMSF-supervised > MSF", "cmsf", "msf", True),
+          ("ISD > random init", "isd", "random", True),
+          ("SimReg MLP head >= linear head", "simreg-mlp", "simreg-linear", False)]
+METRICS = (("knn_top1_k20", "20-NN"), ("linear_top1", "linear"))
 
-def ssl_spec(method: str, args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    return {"kind": "ssl-train", "method": method, "dataset": args.dataset, "limit_train": args.limit_train,
-            "limit_test": args.limit_test, "backbone": "resnet18", "stem": "imagenet", "epochs": args.epochs,
-            "batch_size": args.batch_size, "bank_size": args.bank_size, "lr": args.lr,
-            "weight_decay": args.weight_decay, "augmentation": args.augmentation, "color_jitter": args.color_jitter,
-            "seed": args.seed, "knn_every": 0, "knn_k": [1, 20], **extra}
+
+def augment_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if args.crop_scale:
+        out["crop_scale"] = args.crop_scale
+    if args.hflip is not None:
+        out["hflip"] = args.hflip
+    if args.color_jitter:
+        out["color_jitter"] = args.color_jitter
+    return out
 
 
-def distill_spec(head: str, args: argparse.Namespace) -> dict[str, Any]:
-    return {"kind": "distill", "method": "simreg", "teachers": [NIL], "head": head, "dataset": args.dataset,
-            "limit_train": args.limit_train, "limit_test": args.limit_test, "backbone": "resnet18", "stem": "imagenet",
-            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
-            "seed": args.seed, "knn_every": 0, "knn_k": [1, 20]}
+def common_fields(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    return {"dataset": args.dataset, "limit_train": args.limit_train or None, "limit_test": args.limit_test or None,
+            "backbone": args.backbone, "stem": args.stem, "image_size": args.image_size, "epochs": args.epochs,
+            "batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay, "seed": seed,
+            "knn_k": [1, 20], "num_workers": args.num_workers, "amp": args.amp, "channels_last": args.channels_last}
 
 
-def random_init_checkpoint(data: Any, args: argparse.Namespace) -> dict[str, Any]:
+def ssl_spec(method: str, args: argparse.Namespace, seed: int, **extra: Any) -> dict[str, Any]:
+    return {"kind": "ssl-train", "method": method, **common_fields(args, seed), "bank_size": args.bank_size,
+            "augmentation": args.augmentation, "augment": augment_overrides(args), "knn_every": args.knn_every,
+            "warmup_epochs": args.warmup_epochs, **extra}
+
+
+def distill_spec(head: str, args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    return {"kind": "distill", "method": "simreg", "teachers": [NIL], "head": head, **common_fields(args, seed),
+            "knn_every": 0}
+
+
+def random_init_checkpoint(data: Any, args: argparse.Namespace, seed: int) -> dict[str, Any]:
     import torch
 
     from workers.vision.backbones import create_backbone
     from workers.vision.checkpoints import model_payload
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     mean, std = data.channel_stats()
-    meta = {"method": "random-init", "backbone": "resnet18", "stem": "imagenet", "image_size": data.image_size,
+    meta = {"method": "random-init", "backbone": args.backbone, "stem": args.stem, "image_size": data.image_size,
             "normalization": {"mean": list(mean), "std": list(std)}, "classes": data.classes}
-    return model_payload(create_backbone("resnet18", stem="imagenet"), meta=meta)
+    return model_payload(create_backbone(args.backbone, stem=args.stem), meta=meta)
 
 
-def evaluate(checkpoint: dict[str, Any], data: Any, args: argparse.Namespace) -> dict[str, float]:
+def evaluate(checkpoint: dict[str, Any], data: Any, args: argparse.Namespace, seed: int) -> dict[str, float]:
     from shared.specs import parse_spec
     from workers.evaluator.run import evaluate as run_eval
 
     spec = parse_spec({"kind": "eval", "checkpoint": NIL, "dataset": args.dataset, "knn_k": [1, 20],
                        "linear": {"epochs": args.probe_epochs, "milestones": [int(args.probe_epochs * 0.6),
                                                                               int(args.probe_epochs * 0.85)],
-                                  "augment": False}, "seed": args.seed})
+                                  "augment": False}, "seed": seed})
     return run_eval(spec, data, checkpoint)
 
 
-def main() -> None:
+def curve_of(ctx: Any) -> list[dict[str, float]]:
+    """Per-epoch k-NN of a run (epoch 0 = random init), from the metrics it logged."""
+    out = []
+    for _, m in ctx.metrics:
+        if "baseline_knn_top1_k20" in m:
+            out.append({"epoch": 0.0, "knn_top1_k1": m["baseline_knn_top1_k1"],
+                        "knn_top1_k20": m["baseline_knn_top1_k20"]})
+        elif "knn_top1_k20" in m:
+            out.append({"epoch": m["epoch"], "knn_top1_k1": m["knn_top1_k1"], "knn_top1_k20": m["knn_top1_k20"]})
+    return out
+
+
+def summarise(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def judge(a: list[float], b: list[float], strict: bool) -> tuple[str, float, float]:
+    """Verdict on the means of a vs b: the gap must exceed the std of the difference of the means."""
+    (ma, sa), (mb, sb) = summarise(a), summarise(b)
+    spread = math.sqrt(sa * sa / len(a) + sb * sb / len(b)) if len(a) > 1 and len(b) > 1 else 0.0
+    gap = ma - mb
+    if strict:
+        verdict = "held" if gap > spread else ("**did not hold**" if gap < -spread else "within spread: not shown")
+    else:
+        verdict = "held" if gap >= -spread else "**did not hold**"
+    return verdict, gap, spread
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dataset", default="builtin://shapes")
-    ap.add_argument("--limit-train", type=int, default=5000)
-    ap.add_argument("--limit-test", type=int, default=1000)
+    ap.add_argument("--dataset", default="builtin://shapes", help="builtin://shapes, builtin://mnist, ...")
+    ap.add_argument("--limit-train", type=int, default=5000, help="0: every training image")
+    ap.add_argument("--limit-test", type=int, default=1000, help="0: every test image")
+    ap.add_argument("--seeds", type=int, default=1, help="train every row with seeds 0 .. N-1 (none dropped)")
+    ap.add_argument("--methods", default="random,byol,msf,cmsf,isd,simreg-mlp,simreg-linear",
+                    help="comma-separated rows to run (simreg needs msf)")
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--stem", default="imagenet", help="imagenet (cheap on CPU) or cifar (the GPU setting)")
+    ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--warmup-epochs", type=int, default=0)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--bank-size", type=int, default=1024)
-    ap.add_argument("--lr", type=float, default=0.00625)
+    ap.add_argument("--lr", type=float, help="default: MSF's 0.05 at batch 256, scaled linearly to --batch-size")
     ap.add_argument("--weight-decay", type=float, default=5e-4)
     ap.add_argument("--augmentation", default="weak/strong", help="target/online views (MSF w/s)")
-    ap.add_argument("--color-jitter", type=float, nargs=4, default=[0.4, 0.4, 0.4, 0.5])
+    ap.add_argument("--crop-scale", type=float, nargs=2, help="override the recipe's RandomResizedCrop scale")
+    ap.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                    help="override the recipe's horizontal flips")
+    ap.add_argument("--color-jitter", type=float, nargs=4, help="override the recipe's strong-view ColorJitter")
+    ap.add_argument("--knn-every", type=int, default=0, help="k-NN every N epochs: the learning curves")
     ap.add_argument("--probe-epochs", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num-workers", type=int, default=0)
+    ap.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision (CUDA only)")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                    help="channels-last memory format (CUDA only)")
     ap.add_argument("--quick", action="store_true", help="1 epoch on 512 images: a smoke run, not a result")
-    ap.add_argument("--json", type=Path, help="also write the table as JSON here")
+    ap.add_argument("--json", type=Path, help="also write every run (with its curve) and the table as JSON here")
     args = ap.parse_args()
     if args.quick:
         args.limit_train, args.limit_test, args.epochs, args.probe_epochs, args.bank_size = 512, 200, 1, 3, 256
+    if args.lr is None:
+        args.lr = 0.05 * args.batch_size / 256
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = set(args.methods) - set(ROW_NAMES)
+    if unknown:
+        ap.error(f"unknown --methods {sorted(unknown)}; choose from {', '.join(ROW_NAMES)}")
+    if any(m.startswith("simreg") for m in args.methods) and "msf" not in args.methods:
+        ap.error("the SimReg rows distil the MSF row: add msf to --methods")
+    return args
 
+
+def main() -> None:
+    args = parse_args()
     from shared.data import load_dataset
     from shared.specs import parse_spec
     from workers.common.device import configure_threads
@@ -91,57 +185,74 @@ def main() -> None:
     from workers.ssl_trainer.train import train as ssl_train
 
     configure_threads()
-    data = load_dataset({"uri": args.dataset}, image_size=32, limit_train=args.limit_train,
-                        limit_test=args.limit_test)
-    rows: list[tuple[str, float, dict[str, float]]] = []
+    data = load_dataset({"uri": args.dataset}, image_size=args.image_size, limit_train=args.limit_train or None,
+                        limit_test=args.limit_test or None)
+    recipe = parse_spec(ssl_spec("msf", args, 0)).augment  # type: ignore[attr-defined]
+    runs: list[dict[str, Any]] = []
     t_all = time.perf_counter()
 
-    def record(name: str, checkpoint: dict[str, Any], seconds: float) -> None:
-        res = evaluate(checkpoint, data, args)
-        rows.append((name, seconds, res))
-        print(f"  {name:28} 20-NN {res['knn_top1_k20']:.3f}  linear {res['linear_top1']:.3f}  "
+    def record(key: str, seed: int, checkpoint: dict[str, Any], seconds: float, curve: list[Any]) -> None:
+        res = evaluate(checkpoint, data, args, seed)
+        runs.append({"model": key, "seed": seed, "train_s": seconds, "curve": curve, **res})
+        print(f"  seed {seed} {ROW_NAMES[key]:28} 20-NN {res['knn_top1_k20']:.3f}  linear {res['linear_top1']:.3f}  "
               f"({seconds:.0f}s training)", flush=True)
 
-    record("random init", random_init_checkpoint(data, args), 0.0)
-    checkpoints: dict[str, dict[str, Any]] = {}
-    for name, method, extra in (("BYOL (MSF k=1)", "byol", {}), ("MSF (k=5)", "msf", {"topk": 5}),
-                                ("CMSF-supervised (k=5)", "cmsf", {"topk": 5, "cmsf": {"constraint": "supervised"}}),
-                                ("ISD (plus recipe)", "isd", {"isd": {"recipe": "plus"}})):
-        spec = parse_spec(ssl_spec(method, args, **extra))
-        ctx = LocalContext(spec)
-        t0 = time.perf_counter()
-        ssl_train(spec, data, ctx=ctx)
-        checkpoints[method] = ctx.checkpoint_state(-1)
-        record(name, checkpoints[method], time.perf_counter() - t0)
-    for name, head in (("SimReg from MSF, MLP head", "mlp"), ("SimReg from MSF, linear head", "linear")):
-        spec = parse_spec(distill_spec(head, args))
-        ctx = LocalContext(spec)
-        t0 = time.perf_counter()
-        distill(spec, data, [checkpoints["msf"]], ctx=ctx)
-        record(name, ctx.checkpoint_state(-1), time.perf_counter() - t0)
+    for seed in range(args.seeds):
+        if "random" in args.methods:
+            record("random", seed, random_init_checkpoint(data, args, seed), 0.0, [])
+        teacher: dict[str, Any] | None = None
+        for key, _, method, extra in SSL_ROWS:
+            if key not in args.methods:
+                continue
+            spec = parse_spec(ssl_spec(method, args, seed, **extra))
+            ctx = LocalContext(spec)
+            t0 = time.perf_counter()
+            ssl_train(spec, data, ctx=ctx)  # type: ignore[arg-type]
+            state = ctx.checkpoint_state(-1)
+            teacher = state if key == "msf" else teacher
+            record(key, seed, state, time.perf_counter() - t0, curve_of(ctx))
+        for key, _, head in SIMREG_ROWS:
+            if key not in args.methods or teacher is None:
+                continue
+            spec = parse_spec(distill_spec(head, args, seed))
+            ctx = LocalContext(spec)
+            t0 = time.perf_counter()
+            distill(spec, data, [teacher], ctx=ctx)  # type: ignore[arg-type]
+            record(key, seed, ctx.checkpoint_state(-1), time.perf_counter() - t0, [])
 
     total = time.perf_counter() - t_all
-    print(f"\nssl_repro: {args.dataset} ({len(data.train_images)} train / {len(data.test_images)} test, 32 px), "
-          f"resnet18 (ImageNet stem), {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
-          f"wd {args.weight_decay}, {args.augmentation} views, seed {args.seed}; probe {args.probe_epochs} epochs")
+    print(f"\nssl_repro: {args.dataset} ({len(data.train_images)} train / {len(data.test_images)} test, "
+          f"{args.image_size} px), {args.backbone} ({args.stem} stem), {args.epochs} epochs (warm-up "
+          f"{args.warmup_epochs}), batch {args.batch_size}, lr {args.lr:g}, wd {args.weight_decay}, bank "
+          f"{args.bank_size}, {args.augmentation} views, seeds 0-{args.seeds - 1}; probe {args.probe_epochs} epochs; "
+          f"amp {args.amp}, channels_last {args.channels_last} (CUDA only)")
+    print(f"recipe: {recipe.model_dump()}")
     print(f"machine: {machine()}; total {total / 60:.1f} min\n")
-    print(f"| {'model':28} | 20-NN | linear | train s |")
-    print(f"|{'-' * 30}|-------|--------|---------|")
-    for name, seconds, res in rows:
-        print(f"| {name:28} | {res['knn_top1_k20']:.3f} | {res['linear_top1']:.3f}  | {seconds:7.0f} |")
-    acc = {name: res for name, _, res in rows}
-    checks = [("MSF > BYOL", "MSF (k=5)", "BYOL (MSF k=1)"), ("BYOL > random init", "BYOL (MSF k=1)", "random init"),
-              ("CMSF-supervised > MSF", "CMSF-supervised (k=5)", "MSF (k=5)"),
-              ("SimReg MLP head >= linear head", "SimReg from MSF, MLP head", "SimReg from MSF, linear head")]
-    print()
-    for claim, a, b in checks:
-        for metric in ("knn_top1_k20", "linear_top1"):
-            held = acc[a][metric] >= acc[b][metric] if ">=" in claim else acc[a][metric] > acc[b][metric]
-            print(f"{claim:34} on {metric:13}: {'held' if held else 'DID NOT HOLD'} "
-                  f"({acc[a][metric]:.3f} vs {acc[b][metric]:.3f})")
+    by_model: dict[str, dict[str, list[float]]] = {}
+    for r in runs:
+        for metric, _ in METRICS:
+            by_model.setdefault(r["model"], {}).setdefault(metric, []).append(r[metric])
+        by_model[r["model"]].setdefault("train_s", []).append(r["train_s"])
+    print(f"| {'model':28} | 20-NN (mean ± std) | linear (mean ± std) | train s |")
+    print(f"|{'-' * 30}|--------------------|---------------------|---------|")
+    for key in [k for k in ROW_NAMES if k in by_model]:
+        cells = [f"{m:.3f} ± {s:.3f}" for m, s in (summarise(by_model[key][metric]) for metric, _ in METRICS)]
+        print(f"| {ROW_NAMES[key]:28} | {cells[0]:18} | {cells[1]:19} | "
+              f"{statistics.fmean(by_model[key]['train_s']):7.0f} |")
+    print(f"\nclaims on the means over {args.seeds} seed(s)" + (" (1 seed: no spread, verdicts are provisional)"
+                                                            if args.seeds < 2 else "") + ":")
+    claims = []
+    for claim, a, b, strict in CLAIMS:
+        if a not in by_model or b not in by_model:
+            continue
+        for metric, label in METRICS:
+            verdict, gap, spread = judge(by_model[a][metric], by_model[b][metric], strict)
+            claims.append({"claim": claim, "metric": metric, "verdict": verdict, "gap": gap, "spread": spread})
+            print(f"  {claim:32} {label:7}: {verdict} (gap {gap:+.3f}, spread {spread:.3f})")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "json"},
-                                         "rows": [{"model": n, "train_s": s, **r} for n, s, r in rows]}, indent=2))
+                                         "recipe": recipe.model_dump(), "machine": machine(), "total_s": total,
+                                         "runs": runs, "claims": claims}, indent=2))
 
 
 if __name__ == "__main__":

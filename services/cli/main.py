@@ -425,11 +425,19 @@ def down() -> None:
 
 @app.command()
 @friendly
-def demo(epochs: int = 8, keep_running: bool = False) -> None:
-    """Start the embedded stack, train MSF on builtin://shapes over the REST API and report k-NN accuracy."""
-    from services.embedded import run_demo
+def demo(
+    epochs: Annotated[int | None, typer.Option(help="default: the dataset's demo recipe (README 'Quick start')")]
+    = None,
+    keep_running: bool = False,
+    dataset: Annotated[str, typer.Option(help="a built-in dataset: builtin://shapes, builtin://mnist or "
+                                              "builtin://digits")] = "builtin://shapes",
+) -> None:
+    """Start the embedded stack, train MSF on a built-in dataset over the REST API and report k-NN accuracy
+    against the random-init baseline."""
+    from services.embedded import demo_spec, run_demo
 
-    run_demo(epochs=epochs, keep_running=keep_running, echo=typer.echo, follow=_follow)
+    spec = demo_spec(dataset, epochs=epochs)  # a bad dataset fails here, before any server starts
+    run_demo(spec=spec, keep_running=keep_running, echo=typer.echo, follow=_follow)
 
 
 def main() -> None:

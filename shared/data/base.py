@@ -27,6 +27,10 @@ class ImageDataset:
     test_labels: np.ndarray
     classes: list[str]
     name: str
+    # Metadata the augmentation recipes use (shared/specs/recipes.py): the family of images ("natural",
+    # "grey", "digits", "shapes") and the channels of the source images (grey sources are replicated to 3).
+    family: str = "natural"
+    channels: int = 3
 
     def __post_init__(self) -> None:
         for split in ("train", "test"):
@@ -37,6 +41,12 @@ class ImageDataset:
                 raise DatasetError(f"{split}_labels must have shape ({len(x)},), got {y.shape}")
         if len(self.test_labels) and self.test_labels.max() >= len(self.classes):
             raise DatasetError("test labels reference a class that is not in `classes`")
+        if self.channels not in (1, 3):
+            raise DatasetError(f"channels must be 1 (grey source) or 3, got {self.channels}")
+
+    @property
+    def grey(self) -> bool:
+        return self.channels == 1
 
     @property
     def num_classes(self) -> int:
@@ -61,6 +71,12 @@ class ImageDataset:
         std = np.sqrt(np.maximum(sq / count - mean * mean, 0.0))
         std = np.maximum(std, 1e-3)  # a constant channel (e.g. all-black) must not divide by zero
         return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def is_grey(images: np.ndarray, max_images: int = 256) -> bool:
+    """Whether ``N x H x W x 3`` uint8 images are grey (R = G = B everywhere), judged on the first images."""
+    x = images[:max_images]
+    return bool(len(x)) and bool((x[..., 0] == x[..., 1]).all() and (x[..., 1] == x[..., 2]).all())
 
 
 def limit(x: np.ndarray, y: np.ndarray, n: int | None) -> tuple[np.ndarray, np.ndarray]:

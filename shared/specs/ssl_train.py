@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from shared.specs.common import StrictModel, validate_checkpoint_ref
+from shared.specs.recipes import AugmentOptions, family_of, resolve_augment, schedule_defaults
 from shared.specs.vision import VisionTrainingSpec
 
 Augmentation = Literal["weak/strong", "strong/strong", "weak/weak", "strong/weak"]
@@ -82,17 +83,20 @@ class SslTrainSpec(VisionTrainingSpec):
 
     critical_keys: ClassVar[tuple[str, ...]] = (
         "method", "dataset", "limit_train", "image_size", "backbone", "stem", "batch_size", "bank_size", "topk",
-        "augmentation", "color_jitter", "proj_hidden_dim", "proj_dim", "seed", "cmsf", "isd",
+        "augmentation", "augment", "proj_hidden_dim", "proj_dim", "seed", "cmsf", "isd",
     )
 
     kind: Literal["ssl-train"] = "ssl-train"
     method: Literal["msf", "byol", "cmsf", "isd"] = Field("msf", description="byol = msf with topk=1")
     augmentation: Augmentation = Field(
         "weak/strong", description="target/online views: 'weak/strong' gives the weak view to the EMA target")
-    color_jitter: list[float] = Field(
-        default_factory=lambda: [0.4, 0.4, 0.4, 0.1], min_length=4, max_length=4,
-        description="strong views' ColorJitter (brightness, contrast, saturation, hue), applied with p=0.8; "
-                    "MoCo-v2's by default; hue 0.5 = any hue rotation (colour-keyed small images, e.g. shapes)")
+    augment: AugmentOptions = Field(
+        default_factory=AugmentOptions,
+        description="the views' recipe (crop, flips, colour, blur): the dataset family's preset "
+                    "(shared/specs/recipes.py), field by field overridable; resolved at validation")
+    warmup_epochs: int = Field(
+        0, ge=0, validate_default=True,
+        description="linear LR warm-up epochs before the schedule (default from the dataset family's preset)")
     proj_hidden_dim: int | None = Field(None, ge=8, le=16_384, description="default 2x backbone width")
     proj_dim: int | None = Field(None, ge=8, le=16_384, description="default backbone width / 4")
 
@@ -109,17 +113,39 @@ class SslTrainSpec(VisionTrainingSpec):
 
     @classmethod
     def recipe_defaults(cls, data: dict[str, Any]) -> dict[str, Any]:
+        # The dataset family's schedule (epochs, warm-up, image size), then the method's recipe on top.
+        defaults = schedule_defaults(family_of(data))
         if data.get("method") == "isd":
             isd = data.get("isd") or {}
-            return dict(_ISD_RECIPES.get(isd.get("recipe", "plus") if isinstance(isd, dict) else "plus", {}))
-        return {}
+            defaults |= _ISD_RECIPES.get(isd.get("recipe", "plus") if isinstance(isd, dict) else "plus", {})
+        return defaults
 
-    @field_validator("color_jitter")
+    @model_validator(mode="before")
     @classmethod
-    def _color_jitter(cls, v: list[float]) -> list[float]:
-        if any(x < 0 for x in v) or v[3] > 0.5:
-            raise ValueError(f"color_jitter {v}: brightness, contrast and saturation must be >= 0 and hue in "
-                             "[0, 0.5]")
+    def _legacy_color_jitter(cls, data: Any) -> Any:
+        # Specs written before the augment block set a top-level color_jitter; it now lives in augment.
+        if isinstance(data, dict) and "color_jitter" in data:
+            data = dict(data)
+            jitter = data.pop("color_jitter")
+            augment = data.get("augment") or {}
+            if isinstance(augment, dict):
+                if augment.get("color_jitter") not in (None, jitter):
+                    raise ValueError("color_jitter is set twice (top level and augment.color_jitter); keep "
+                                     "augment.color_jitter")
+                data["augment"] = {**augment, "color_jitter": jitter}
+        return data
+
+    @property
+    def color_jitter(self) -> list[float]:
+        """The strong views' ColorJitter of the resolved recipe (``augment.color_jitter``)."""
+        return list(self.augment.color_jitter or [])
+
+    @field_validator("warmup_epochs")
+    @classmethod
+    def _warmup(cls, v: int, info: ValidationInfo) -> int:
+        epochs = info.data.get("epochs")
+        if epochs is not None and v >= epochs:
+            raise ValueError(f"{v} warm-up epochs leave none of the {epochs} epochs for the schedule")
         return v
 
     @field_validator("bank_size")
@@ -144,6 +170,12 @@ class SslTrainSpec(VisionTrainingSpec):
         if bank is not None and v > bank:
             raise ValueError(f"{v} exceeds bank_size={bank}")
         return v
+
+    @model_validator(mode="after")
+    def _resolve_augment(self) -> SslTrainSpec:
+        family = family_of({"augment": self.augment, "dataset": self.dataset})
+        self.augment = resolve_augment(self.augment, family=family, image_size=self.image_size)
+        return self
 
     @model_validator(mode="after")
     def _method_options(self) -> SslTrainSpec:

@@ -56,6 +56,8 @@ def test_msf_job_runs_end_to_end(platform):
     run = ml.get_run(job["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["method"] == "msf" and run.data.params["resources.gpus"] == "0"
+    # the resolved augmentation recipe of the dataset's family is part of the logged spec
+    assert run.data.params["augment.preset"] == "shapes" and run.data.params["augment.hflip"] == "True"
     assert run.data.tags["crucible.job_id"] == job["id"]
     assert run.data.tags["crucible.checkpoint_uri"].startswith("s3://")
     losses = ml.get_metric_history(run.info.run_id, "epoch_loss")

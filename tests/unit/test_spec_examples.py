@@ -59,12 +59,10 @@ def test_example_parses_as_its_kind(path: Path) -> None:
 
 def test_the_shapes_example_is_the_demo_job() -> None:
     """README: the example reproduces `crucible demo` (same data, model and optimisation)."""
-    import inspect
+    from services.embedded import demo_spec
 
-    from services.cli.main import demo
-
-    epochs = inspect.signature(demo).parameters["epochs"].default
     example = yaml.safe_load((EXAMPLES_DIR / "msf-shapes.yaml").read_text())
     skip = {"experiment", "name"}
     assert {k: v for k, v in example.items() if k not in skip} == {
-        k: v for k, v in {**DEMO_SPEC, "epochs": epochs}.items() if k not in skip}
+        k: v for k, v in demo_spec("builtin://shapes").items() if k not in skip}
+    assert demo_spec("builtin://shapes") == DEMO_SPEC | {"name": "msf-shapes-demo"}

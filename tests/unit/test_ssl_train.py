@@ -116,9 +116,9 @@ def test_bank_larger_than_the_dataset_is_a_config_error(job_context: Any) -> Non
 
 def test_color_jitter_option_defaults_to_moco_and_is_validated() -> None:
     base = {"kind": "ssl-train", "method": "msf", "dataset": "builtin://shapes"}
-    assert SslTrainSpec(**base).color_jitter == [0.4, 0.4, 0.4, 0.1]
-    spec = SslTrainSpec(**base, color_jitter=[0.4, 0.4, 0.4, 0.5])
-    assert spec.critical_config()["color_jitter"] == [0.4, 0.4, 0.4, 0.5]  # a resume must not change it
+    assert SslTrainSpec(**{**base, "dataset": "my-photos"}).color_jitter == [0.4, 0.4, 0.4, 0.1]  # natural preset
+    spec = SslTrainSpec(**base, color_jitter=[0.4, 0.4, 0.2, 0.5])
+    assert spec.critical_config()["augment"]["color_jitter"] == [0.4, 0.4, 0.2, 0.5]  # a resume must not change it
     for bad in ([0.4, 0.4, 0.4, 0.6], [-0.1, 0.4, 0.4, 0.1], [0.4, 0.4, 0.4]):
         with pytest.raises(ValueError):
             SslTrainSpec(**base, color_jitter=bad)

@@ -14,9 +14,11 @@ ScheduleKind = Literal["cosine", "step", "constant"]
 
 
 def lr_at_epoch(epoch: int, *, base_lr: float, epochs: int, schedule: str = "cosine",
-                milestones: Sequence[int] = (), decay: float = 0.2) -> float:
+                milestones: Sequence[int] = (), decay: float = 0.2, warmup_epochs: int = 0) -> float:
     """LR used for the whole of ``epoch`` (1-based).
 
+    * warm-up (``warmup_epochs`` W > 0): ``lr0 * e / (W + 1)`` for e <= W, then the schedule over the
+      remaining ``E - W`` epochs (W = 0, the reference's setting, changes nothing);
     * cosine:   ``lr0 * 0.5 * (1 + cos(pi * (e - 1) / E))`` - starts at lr0, never reaches 0;
     * step:     ``lr0 * decay ** (number of milestones strictly below e)``;
     * constant: ``lr0``.
@@ -24,11 +26,16 @@ def lr_at_epoch(epoch: int, *, base_lr: float, epochs: int, schedule: str = "cos
     if epoch < 1:
         raise ValueError(f"epochs are numbered from 1, got {epoch}")
     return _curve(float(epoch - 1), epoch, base_lr=base_lr, epochs=epochs, schedule=schedule,
-                  milestones=milestones, decay=decay)
+                  milestones=milestones, decay=decay, warmup_epochs=warmup_epochs)
 
 
 def _curve(progress_epochs: float, epoch: int, *, base_lr: float, epochs: int, schedule: str,
-           milestones: Sequence[int], decay: float) -> float:
+           milestones: Sequence[int], decay: float, warmup_epochs: int = 0) -> float:
+    if warmup_epochs > 0:
+        if epoch <= warmup_epochs:
+            return base_lr * epoch / (warmup_epochs + 1)
+        if schedule == "cosine":  # the cosine runs over the epochs after the warm-up
+            progress_epochs, epochs = progress_epochs - warmup_epochs, max(1, epochs - warmup_epochs)
     if schedule == "cosine":
         return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress_epochs / epochs))
     if schedule == "step":
@@ -55,6 +62,7 @@ class LrSchedule:
     decay: float = 0.2
     per_step: bool = False
     warmup_steps: int = 0
+    warmup_epochs: int = 0  # the recipes' per-epoch warm-up (see ``lr_at_epoch``)
 
     def at(self, epoch: int, step_in_epoch: int = 1, steps_per_epoch: int = 1) -> float:
         """LR of step ``step_in_epoch`` (1-based) of ``epoch`` (1-based)."""
@@ -62,7 +70,7 @@ class LrSchedule:
             raise ValueError(f"epochs and steps are numbered from 1, got epoch {epoch}, step {step_in_epoch}")
         progress = (epoch - 1) + ((step_in_epoch - 1) / steps_per_epoch if self.per_step else 0.0)
         lr = _curve(progress, epoch, base_lr=self.base_lr, epochs=self.epochs, schedule=self.kind,
-                    milestones=self.milestones, decay=self.decay)
+                    milestones=self.milestones, decay=self.decay, warmup_epochs=self.warmup_epochs)
         global_step = (epoch - 1) * steps_per_epoch + step_in_epoch
         if self.warmup_steps and global_step <= self.warmup_steps:
             lr *= global_step / self.warmup_steps

@@ -44,6 +44,7 @@ from torch import nn
 
 from shared.data import ImageDataset
 from shared.specs import SslTrainSpec
+from shared.specs.recipes import describe as describe_recipe
 from workers.common.context import MethodContext
 from workers.common.guards import fmt_metrics
 from workers.common.loop import FitOutcome, LoopConfig, LoopEnv, Method, StepOutput, TrainingLoop, TrainParts
@@ -87,7 +88,8 @@ def train(spec: SslTrainSpec, dataset: ImageDataset, *, ctx: MethodContext[SslTr
 def loop_config(spec: SslTrainSpec) -> LoopConfig:
     return LoopConfig(
         kind="ssl-train", seed=spec.seed, amp=spec.amp, channels_last=spec.channels_last,
-        schedule=LrSchedule(spec.lr, spec.epochs, spec.lr_schedule, tuple(spec.lr_milestones or ()), spec.lr_decay),
+        schedule=LrSchedule(spec.lr, spec.epochs, spec.lr_schedule, tuple(spec.lr_milestones or ()), spec.lr_decay,
+                            warmup_epochs=spec.warmup_epochs),
         checkpoint_every=spec.checkpoint_every, eval_every=spec.knn_every, log_every=LOG_EVERY, eval_key="knn",
         summary_keys=("purity",), resume_keys=("model", "baseline_knn"))
 
@@ -133,7 +135,11 @@ class SslTrainMethod(Method[SslTrainSpec]):
         # --- data: two views per image (target/online), plus un-augmented sets for k-NN ------------------
         self.mean, self.std = dataset.channel_stats()
         t_target, t_online = build_view_transforms(spec.augmentation, dataset.image_size, self.mean, self.std,
-                                                   color_jitter=spec.color_jitter)
+                                                   recipe=spec.augment)
+        env.log(describe_recipe(spec.augment))
+        if dataset.family != spec.augment.preset and spec.augment.preset == "natural":
+            env.log(f"note: the dataset looks {dataset.family!r} (grey source images); augment.preset "
+                    f"{dataset.family!r} skips colour operations that do nothing on it")
         self.train_set = TwoViewDataset(dataset.train_images, dataset.train_labels, t_target, t_online,
                                         seed=spec.seed)
         self.knn_train = EvalDataset(dataset.train_images, dataset.train_labels, EvalTransform(self.mean, self.std))

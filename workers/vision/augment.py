@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-BLUR_MIN_SIZE = 96
+from shared.specs.recipes import BLUR_MIN_SIZE
+
 MOCO_JITTER = (0.4, 0.4, 0.4, 0.1)  # ColorJitter(brightness, contrast, saturation, hue) of MoCo-v2
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -125,6 +127,8 @@ def color_jitter(x: Tensor, strength: Sequence[float], p: float, gen: torch.Gene
     dev = x.device
     for step in range(4):
         for op in range(4):
+            if strength[op] == 0:  # identity (factor 1 / no hue shift): skip the work, e.g. grey images
+                continue
             sel = (apply & (order[:, step] == op)).nonzero().squeeze(1)
             if sel.numel() == 0:
                 continue
@@ -145,6 +149,8 @@ def color_jitter(x: Tensor, strength: Sequence[float], p: float, gen: torch.Gene
 
 def random_grayscale(x: Tensor, p: float, gen: torch.Generator | None) -> Tensor:
     mask = (torch.rand(x.shape[0], generator=gen) < p).to(x.device).view(-1, 1, 1, 1)
+    if p <= 0:
+        return x
     return torch.where(mask, _grey(x).expand_as(x), x)
 
 
@@ -170,21 +176,25 @@ class ViewTransform:
     """One augmentation pipeline ("weak" or "strong"); callable on uint8 images, returns normalised floats."""
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], *, strong: bool,
-                 scale: tuple[float, float] = (0.2, 1.0), jitter: Sequence[float] = MOCO_JITTER,
-                 jitter_p: float = 0.8, grayscale_p: float = 0.2, blur: bool | None = None) -> None:
+                 scale: Sequence[float] = (0.2, 1.0), hflip: bool = True, jitter: Sequence[float] = MOCO_JITTER,
+                 jitter_p: float = 0.8, grayscale_p: float = 0.2, blur: bool | None = None,
+                 blur_p: float = 0.5) -> None:
         self.image_size = image_size
         self.strong = strong
-        self.scale = scale
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.hflip = hflip  # off for digits and text: a mirrored 2 or 7 is not a 2 or 7
         self.jitter, self.jitter_p, self.grayscale_p = tuple(jitter), jitter_p, grayscale_p
         # Blur only for strong views and images big enough for it (ssl.md 7.2: none at 32 px).
-        self.blur = strong and (image_size >= BLUR_MIN_SIZE if blur is None else blur)
+        self.blur = strong and blur_p > 0 and (image_size >= BLUR_MIN_SIZE if blur is None else blur)
+        self.blur_p = blur_p
         s = image_size / 224
         self.blur_sigma = (0.1 * s, 2.0 * s)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def __repr__(self) -> str:
-        return f"ViewTransform(size={self.image_size}, strong={self.strong}, blur={self.blur})"
+        return (f"ViewTransform(size={self.image_size}, strong={self.strong}, scale={self.scale}, "
+                f"hflip={self.hflip}, blur={self.blur})")
 
     def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         single = images.dim() == 3
@@ -192,13 +202,14 @@ class ViewTransform:
         x = x.float().div_(255.0)
         n = x.shape[0]
         boxes = crop_boxes(n, x.shape[2], x.shape[3], self.scale, (3 / 4, 4 / 3), generator)
-        flip = torch.rand(n, generator=generator) < 0.5
+        # Drawn even without flips, so switching them off changes nothing else in the random stream.
+        flip = (torch.rand(n, generator=generator) < 0.5) & self.hflip
         x = resized_crop_flip(x, boxes, flip, self.image_size)
         if self.strong:
             x = color_jitter(x, self.jitter, self.jitter_p, generator)
             x = random_grayscale(x, self.grayscale_p, generator)
             if self.blur:
-                x = gaussian_blur(x, self.blur_sigma, 0.5, generator)
+                x = gaussian_blur(x, self.blur_sigma, self.blur_p, generator)
         x = (x - self.mean.to(x.device)) / self.std.to(x.device)
         return x.squeeze(0) if single else x
 
@@ -218,11 +229,14 @@ class EvalTransform:
 
 
 def build_view_transforms(augmentation: str, image_size: int, mean: Sequence[float], std: Sequence[float], *,
-                          color_jitter: Sequence[float] = MOCO_JITTER) -> tuple[ViewTransform, ViewTransform]:
+                          recipe: Any | None = None,
+                          color_jitter: Sequence[float] | None = None) -> tuple[ViewTransform, ViewTransform]:
     """``"weak/strong"`` -> (target transform, online transform): the reference's "target/online" naming.
 
-    ``color_jitter`` is the strong views' ColorJitter (brightness, contrast, saturation, hue); the default
-    is MoCo-v2's. Weak views never jitter colour.
+    ``recipe`` is a resolved ``shared.specs.recipes.AugmentOptions`` (a spec's ``augment``): crop scale, flips,
+    colour jitter and its probability, grayscale and blur; without it, MoCo-v2's recipe (ssl.md 1.6).
+    ``color_jitter`` overrides the strong views' ColorJitter (brightness, contrast, saturation, hue). Weak
+    views only crop and flip.
     """
     try:
         target, online = augmentation.split("/")
@@ -231,5 +245,12 @@ def build_view_transforms(augmentation: str, image_size: int, mean: Sequence[flo
     except ValueError:
         raise ValueError(f"augmentation must be '<weak|strong>/<weak|strong>' (target/online), "
                          f"got {augmentation!r}") from None
-    return (ViewTransform(image_size, mean, std, strong=target == "strong", jitter=color_jitter),
-            ViewTransform(image_size, mean, std, strong=online == "strong", jitter=color_jitter))
+    kwargs: dict[str, Any] = {}
+    if recipe is not None:
+        kwargs = {"scale": tuple(recipe.crop_scale), "hflip": recipe.hflip, "jitter": tuple(recipe.color_jitter),
+                  "jitter_p": recipe.jitter_p, "grayscale_p": recipe.grayscale_p, "blur_p": recipe.blur_p,
+                  "blur": recipe.blur_p > 0}  # the resolved recipe already applied the preset's size rule
+    if color_jitter is not None:
+        kwargs["jitter"] = tuple(color_jitter)
+    return (ViewTransform(image_size, mean, std, strong=target == "strong", **kwargs),
+            ViewTransform(image_size, mean, std, strong=online == "strong", **kwargs))
