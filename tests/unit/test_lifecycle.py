@@ -81,7 +81,7 @@ def test_terminate_takes_only_terminal_statuses() -> None:
 
 def test_outcomes_are_an_enum_that_still_reads_as_the_strings() -> None:
     assert {o.value for o in Outcome} == {"succeeded", "cancelled", "preempted", "user_error", "config_error",
-                                          "infra_error"}
+                                          "infra_error", "oom"}
     assert lifecycle.CONFIG_ERROR is Outcome.CONFIG_ERROR and Outcome("infra_error") == "infra_error"
     with pytest.raises(ValueError, match="unknown outcome 'exploded'; one of: succeeded"):
         lifecycle.finish_attempt(_Recorder().session, job_id=uuid.uuid4(), attempt=1, worker_id=None,
