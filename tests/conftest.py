@@ -4,6 +4,7 @@ an S3 server and an MLflow server (tests/stack.py starts what is not already run
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,8 @@ def stack() -> Iterator[object]:
         s.stop()
         os.environ.clear()
         os.environ.update(saved)
+        if not os.environ.get("CRUCIBLE_KEEP_TEST_STACK"):  # S3 volumes and checkpoints: gigabytes per run
+            shutil.rmtree(run_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
