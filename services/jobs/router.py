@@ -46,9 +46,9 @@ async def submit_job(
 
 def _submit(project_id: uuid.UUID, spec: JobSpecBase, idempotency_key: str | None) -> tuple[JobRead, bool]:
     with session_scope() as session:  # commits before the response is sent
-        job, created = service.submit(session=session, project_id=project_id, spec=spec,  # type: ignore[arg-type]
+        job, created = service.submit(session=session, project_id=project_id, spec=spec,
                                       idempotency_key=idempotency_key)
-        if created and not spec.depends_on and "checkpoints" not in job.inputs:  # type: ignore[union-attr]
+        if created and not spec.depends_on and "checkpoints" not in job.inputs:
             out = JobRead.model_validate(job)  # no parents: nothing to read back
         else:
             out = _read(session, job)

@@ -47,7 +47,7 @@ def idle_workers_by_kind(session: Session, settings: Settings) -> Counter[str]:
 
 def _free_slots(session: Session, settings: Settings) -> dict[str, int]:
     """Per queue: how many more messages may be in flight (window + idle workers - already dispatched)."""
-    in_flight: Counter[str] = Counter(dict(session.execute(  # type: ignore[arg-type]
+    in_flight: Counter[str] = Counter(dict(session.execute(
         select(Job.worker_kind, func.count()).where(Job.status == JobStatus.DISPATCHED).group_by(Job.worker_kind)
     ).all()))
     idle = idle_workers_by_kind(session, settings)

@@ -135,7 +135,7 @@ def resolve_augment(options: AugmentOptions, *, family: str, image_size: int) ->
             raise ValueError(f"augment: preset {family!r} is for grey images, where saturation, hue and grayscale "
                              f"change nothing (color_jitter {values['color_jitter']}, grayscale_p "
                              f"{values['grayscale_p']}); set them to 0, or use preset 'natural' for colour images")
-    return AugmentOptions(preset=family, **values)  # type: ignore[arg-type]
+    return AugmentOptions(preset=family, **values)
 
 
 def describe(options: AugmentOptions) -> str:

@@ -148,7 +148,7 @@ class LoopEnv(Generic[SpecT]):
     def on_main(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only (it must not use collectives) and give every rank its result."""
         value = fn() if self.comm.is_main else None
-        return self.comm.broadcast_object(value)  # type: ignore[no-any-return]  # pickled across ranks
+        return self.comm.broadcast_object(value)  # pickled across ranks
 
 
 @dataclass

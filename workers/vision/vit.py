@@ -41,7 +41,7 @@ class ViTBackbone(VisionTransformer, Backbone):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         self._check_size(x)
-        return super().forward(x, *args, **kwargs)  # type: ignore[no-any-return]  # timm is untyped
+        return super().forward(x, *args, **kwargs)
 
     def _check_size(self, x: Tensor) -> None:
         h, w = x.shape[-2:]
@@ -92,4 +92,4 @@ class ViTBackbone(VisionTransformer, Backbone):
     @property
     def cam_layer(self) -> nn.Module:
         last: Any = self.blocks[-1]
-        return last.norm1  # type: ignore[no-any-return]  # timm is untyped; PatchSearch's ViT target layer
+        return last.norm1  # PatchSearch's ViT target layer
