@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +31,7 @@ from torch import Tensor, nn
 
 from workers.common.distributed import Comm
 from workers.distiller import StepOutput
+from workers.vision.backbones import Backbone
 from workers.vision.bank import MemoryBank
 from workers.vision.ema import ema_update, make_target
 
@@ -141,12 +141,12 @@ class CompRess(nn.Module):
         student_ema: the 2q key encoder (None for 1q); its parameters never receive gradients.
     """
 
-    def __init__(self, backbone: nn.Module, teacher_dim: int, *, variant: str, bank_size: int,
+    def __init__(self, backbone: Backbone, teacher_dim: int, *, variant: str, bank_size: int,
                  temperature: float = 0.04, student_ema: float = 0.999,
                  generator: torch.Generator | None = None, comm: Comm | None = None) -> None:
         super().__init__()
         self.student = backbone
-        student_dim = cast(int, backbone.out_dim)  # a plain int attribute of every backbone
+        student_dim = backbone.out_dim
         self.criterion = CompressLoss(teacher_dim, student_dim, bank_size=bank_size,
                                       temperature=temperature, variant=variant, generator=generator, comm=comm)
         self.ema_momentum = float(student_ema)

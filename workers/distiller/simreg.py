@@ -31,13 +31,13 @@ and is not reproduced; ``head: linear`` is the honest "without the MLP head" abl
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workers.distiller import StepOutput
+from workers.vision.backbones import Backbone
 from workers.vision.heads import MLPHead
 
 
@@ -86,12 +86,12 @@ class SimReg(nn.Module):
         heads: ``heads[k]`` maps the student feature to teacher k's width; discarded after training.
     """
 
-    def __init__(self, backbone: nn.Module, teacher_dims: Sequence[int], *, head: str = "mlp") -> None:
+    def __init__(self, backbone: Backbone, teacher_dims: Sequence[int], *, head: str = "mlp") -> None:
         super().__init__()
         if not teacher_dims:
             raise ValueError("SimReg needs at least one teacher")
         self.student = backbone
-        d = cast(int, backbone.out_dim)  # a plain int attribute of every backbone
+        d = backbone.out_dim
         self.heads = nn.ModuleList(build_head(head, d, int(dim)) for dim in teacher_dims)
 
     def trainable_parameters(self) -> list[nn.Parameter]:

@@ -54,7 +54,7 @@ from workers.distiller.teachers import InputNorm, Teacher, TeacherSource, load_t
 from workers.runtime.context import JobConfigError
 from workers.runtime.local import LocalContext
 from workers.vision.augment import EvalTransform, ViewTransform
-from workers.vision.backbones import create_backbone
+from workers.vision.backbones import Backbone, create_backbone
 from workers.vision.checkpoints import model_payload
 from workers.vision.data import EvalDataset, OneViewDataset, check_dataset_fits, load_job_dataset, train_loader
 from workers.vision.knn import evaluate_knn
@@ -72,7 +72,7 @@ def run(ctx: MethodContext[DistillSpec]) -> None:
     train(spec, dataset, teacher_sources(ctx, len(spec.teachers)), ctx=ctx)
 
 
-def build_method(spec: DistillSpec, backbone: nn.Module, teachers: Sequence[Teacher], *,
+def build_method(spec: DistillSpec, backbone: Backbone, teachers: Sequence[Teacher], *,
                  comm: Comm | None = None) -> SimReg | CompRess:
     """The distillation module for ``spec.method`` around a fresh student backbone."""
     if spec.method == "simreg":

@@ -26,9 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from workers.common.distributed import Comm, convert_sync_batchnorm
+from workers.vision.backbones import Backbone
 from workers.vision.bank import MemoryBank
 from workers.vision.ema import ema_update, make_target
-from workers.vision.heads import Encoder
+from workers.vision.heads import Encoder, MLPHead
 
 
 @dataclass
@@ -47,7 +48,7 @@ class StepOutput:
 class MethodSetup:
     """What a method may need beyond its spec; built by the trainer."""
 
-    backbone: nn.Module
+    backbone: Backbone
     num_train: int
     num_classes: int
     # Ground truth of the training images. Only label-using variants (CMSF supervised, the labelled split
@@ -83,7 +84,7 @@ class BankMethod(nn.Module):
     # trained on one rank only).
     sync_bn_modules: tuple[str, ...] = ("online", "predictor", "target")
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module, predictor: nn.Module, *, bank_size: int,
+    def __init__(self, backbone: Backbone, projector: nn.Module, predictor: nn.Module, *, bank_size: int,
                  bank_dim: int, ema_momentum: float, track_indices: bool = False,
                  bank_generator: torch.Generator | None = None, comm: Comm | None = None) -> None:
         super().__init__()
@@ -125,10 +126,10 @@ class BankMethod(nn.Module):
         """After the last step of ``epoch``, before its checkpoint; returns metrics to log."""
         return {}
 
-    def exported_projector(self) -> nn.Module | None:
+    def exported_projector(self) -> MLPHead | None:
         """The online projection head downstream jobs may read (None when the method has none, e.g. ISD-r18)."""
         proj = self.online.projector
-        return proj if all(hasattr(proj, a) for a in ("in_dim", "hidden_dim", "out_dim")) else None
+        return proj if isinstance(proj, MLPHead) else None  # the one head type with in/hidden/out dims
 
     def convert_sync_batchnorm(self, device: torch.device) -> None:
         """Synchronise BN statistics across processes (call before building the optimiser)."""

@@ -29,7 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from workers.common.distributed import Comm
 from workers.ssl_trainer.base import MethodSetup, StepOutput
@@ -43,6 +43,7 @@ from workers.ssl_trainer.constraints import (
 )
 from workers.ssl_trainer.msf import MSF, msf_loss, purity
 from workers.ssl_trainer.pseudo_labels import SemiSupervisedConstraint
+from workers.vision.backbones import Backbone
 from workers.vision.heads import head_dims
 
 CROSS_MODAL_INPUT = "cmsf.cross_modal_checkpoint"
@@ -95,7 +96,7 @@ def build_constraint(spec: Any, setup: MethodSetup, *, dim: int) -> Constraint:
 class CMSF(MSF):
     """MSF with a constrained neighbour search; ``constraint`` holds the variant's state."""
 
-    def __init__(self, backbone: nn.Module, *, constraint: Constraint, topk: int, bank_size: int,
+    def __init__(self, backbone: Backbone, *, constraint: Constraint, topk: int, bank_size: int,
                  ema_momentum: float = 0.99, proj_hidden_dim: int | None = None, proj_dim: int | None = None,
                  bank_generator: torch.Generator | None = None, comm: Comm | None = None) -> None:
         super().__init__(backbone, topk=topk, bank_size=bank_size, ema_momentum=ema_momentum,

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from workers.common.distributed import Comm
 from workers.ssl_trainer.base import BankMethod, MethodSetup, StepOutput
 from workers.ssl_trainer.msf import purity
+from workers.vision.backbones import Backbone
 from workers.vision.heads import MLPHead, head_dims
 
 PURITY_ANCHORS = 5
@@ -70,7 +71,7 @@ def isd_r18_predictor(dim: int) -> nn.Sequential:
 class ISD(BankMethod):
     """Student = online encoder + predictor; teacher = EMA of the online encoder; anchors = the bank."""
 
-    def __init__(self, backbone: nn.Module, *, recipe: str, bank_size: int, ema_momentum: float,
+    def __init__(self, backbone: Backbone, *, recipe: str, bank_size: int, ema_momentum: float,
                  temperature_student: float, temperature_teacher: float, proj_hidden_dim: int | None = None,
                  proj_dim: int | None = None, bank_generator: torch.Generator | None = None,
                  comm: Comm | None = None) -> None:

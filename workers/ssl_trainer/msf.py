@@ -27,10 +27,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from workers.common.distributed import Comm
 from workers.ssl_trainer.base import BankMethod, MethodSetup, StepOutput
+from workers.vision.backbones import Backbone
 from workers.vision.heads import MLPHead, head_dims
 
 __all__ = ["MSF", "StepOutput", "msf_loss", "purity", "spread"]
@@ -93,7 +94,7 @@ class MSF(BankMethod):
     """MSF (and BYOL as ``topk=1``) on the shared skeleton: projection ``D -> 2D -> D/4``, predictor of the
     same MLP shape on the projection (reference R18: 512 -> 1024 -> 128, predictor 128 -> 1024 -> 128)."""
 
-    def __init__(self, backbone: nn.Module, *, topk: int, bank_size: int, ema_momentum: float = 0.99,
+    def __init__(self, backbone: Backbone, *, topk: int, bank_size: int, ema_momentum: float = 0.99,
                  proj_hidden_dim: int | None = None, proj_dim: int | None = None,
                  bank_generator: torch.Generator | None = None, track_indices: bool = False,
                  comm: Comm | None = None) -> None:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from workers.runtime.context import JobConfigError
-from workers.vision.backbones import BACKBONES, backbone_state_dict, create_backbone, load_backbone
+from workers.vision.backbones import BACKBONES, Backbone, backbone_state_dict, create_backbone, load_backbone
 from workers.vision.heads import MLPHead
 
 Features = Literal["backbone", "projection"]
@@ -47,11 +47,11 @@ class FrozenEncoder(nn.Module):
         out_dim: width of ``forward``'s output.
     """
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module | None = None) -> None:
+    def __init__(self, backbone: Backbone, projector: MLPHead | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
-        self.out_dim = int(projector.out_dim if projector is not None else backbone.out_dim)  # type: ignore[union-attr]
+        self.out_dim = int(projector.out_dim if projector is not None else backbone.out_dim)
         self.requires_grad_(False)
         super().train(False)
 
@@ -134,10 +134,10 @@ def load_encoder(source: str | Path | Mapping[str, Any], *, features: Features =
     return encoder, meta | {"features": features, "feature_dim": encoder.out_dim}
 
 
-def model_payload(backbone: nn.Module, *, meta: dict[str, Any], projector: MLPHead | None = None) -> dict[str, Any]:
+def model_payload(backbone: Backbone, *, meta: dict[str, Any], projector: MLPHead | None = None) -> dict[str, Any]:
     """The exported part of a checkpoint (``backbone``, ``projector``, ``meta``) in the contract above."""
     meta = dict(meta)
-    meta["out_dim"] = int(backbone.out_dim)  # type: ignore[arg-type]
+    meta["out_dim"] = int(backbone.out_dim)
     meta["projector"] = None if projector is None else {
         "in": projector.in_dim, "hidden": projector.hidden_dim, "out": projector.out_dim}
     missing = [k for k in ("method", *REQUIRED_META) if k not in meta]

@@ -6,7 +6,12 @@ BYOL-style methods (MSF included) from collapsing to a constant embedding (ssl.m
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
+
+if TYPE_CHECKING:  # annotations only: heads stay importable without torchvision
+    from workers.vision.backbones import Backbone
 
 
 class MLPHead(nn.Sequential):
@@ -34,7 +39,7 @@ class Encoder(nn.Module):
     predictor). ``features(x)`` gives the pooled backbone output used for k-NN / linear evaluation.
     """
 
-    def __init__(self, backbone: nn.Module, projector: nn.Module) -> None:
+    def __init__(self, backbone: Backbone, projector: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
         self.projector = projector
