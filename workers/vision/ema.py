@@ -27,8 +27,8 @@ def ema_update(target: nn.Module, online: nn.Module, momentum: float) -> None:
     """
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
-    t_params = list(target.parameters())
-    o_params = list(online.parameters())
+    t_params: list[torch.Tensor] = list(target.parameters())
+    o_params: list[torch.Tensor] = list(online.parameters())
     if len(t_params) != len(o_params):
         raise ValueError("target and online modules have different parameter lists; build the target with "
                          "make_target(online)")

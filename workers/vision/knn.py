@@ -169,10 +169,10 @@ def _cache_file(backbone: nn.Module, train: EvalDataset, test: EvalDataset, **se
     return conf.data_cache_dir / "knn" / f"{h.hexdigest()}.json"
 
 
-def _hash_tensor(h: hashlib._Hash, name: str, t: torch.Tensor) -> None:
+def _hash_tensor(h: hashlib.blake2b, name: str, t: torch.Tensor) -> None:
     flat = t.detach().to("cpu").contiguous().reshape(-1)
     h.update(f"{name}:{flat.dtype}:{tuple(t.shape)};".encode())
-    h.update(memoryview(flat.view(torch.uint8).numpy()))
+    h.update(flat.view(torch.uint8).numpy().data)  # the array's own buffer: no copy
 
 
 def _write_atomic(path: Path, text: str) -> None:
