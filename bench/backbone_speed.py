@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -32,7 +33,7 @@ def epoch_times(backbone: str, *, images: int, epochs: int, image_size: int, ste
     data = load_dataset({"uri": spec.dataset}, image_size=image_size, limit_train=images, limit_test=64)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        train(spec, data, ctx=LocalContext(spec, checkpoint_dir=tmp))
+        train(spec, data, ctx=LocalContext(spec, checkpoint_dir=Path(tmp)))
         return time.perf_counter() - t0
 
 

@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -191,27 +192,31 @@ def claim_latency(url: str, token: str, env: dict[str, str], *, samples: int) ->
     from sqlalchemy import create_engine, text
 
     engine = create_engine(env["CRUCIBLE_DATABASE_URL"])
-    delays = []
+    delays: list[float] = []
     with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
         def idle() -> bool:
             with engine.connect() as c:
                 return bool(c.execute(text("SELECT count(*) FROM workers WHERE current_job_id IS NULL AND "
                                            "last_heartbeat_at > now() - interval '10 seconds'")).scalar())
 
+        def claimed(job_id: str) -> bool:
+            return bool(http.get(f"/v1/jobs/{job_id}").json()["started_at"])
+
+        def ended(job_id: str) -> bool:
+            return http.get(f"/v1/jobs/{job_id}").json()["status"] in ("cancelled", "succeeded", "failed")
+
         for _ in range(samples):
             localstack.wait_until(idle, timeout=120, what="an idle worker", interval=0.2)
             time.sleep(0.5)
             job = http.post("/v1/jobs", json=SPEC).json()
-            localstack.wait_until(lambda j=job: http.get(f"/v1/jobs/{j['id']}").json()["started_at"], timeout=60,
-                                  what="the claim", interval=0.02)
+            localstack.wait_until(partial(claimed, job["id"]), timeout=60, what="the claim", interval=0.02)
             with engine.connect() as c:
-                delays.append(c.execute(text("SELECT extract(epoch FROM started_at - created_at) FROM jobs "
-                                             "WHERE id = :i"), {"i": job["id"]}).scalar())
+                delays.append(float(c.execute(text("SELECT extract(epoch FROM started_at - created_at) FROM jobs "
+                                                   "WHERE id = :i"), {"i": job["id"]}).scalar_one()))
             http.post(f"/v1/jobs/{job['id']}/cancel")
-            localstack.wait_until(lambda j=job: http.get(f"/v1/jobs/{j['id']}").json()["status"] in
-                                  ("cancelled", "succeeded", "failed"), timeout=120, what="the job's end")
+            localstack.wait_until(partial(ended, job["id"]), timeout=120, what="the job's end")
     engine.dispose()
-    return float(statistics.median(delays)) * 1000
+    return statistics.median(delays) * 1000
 
 
 def run_variant(tree: Path, base_env: dict[str, str], db: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import copy
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -87,7 +88,7 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> None:
         m.train()
     for i, (v_t, v_o) in enumerate(batches):
         for name in models:  # interleaved, so drift in machine load hits both alike
-            dt = _timed(lambda n=name, a=v_t, b=v_o: one(n, a, b), device)
+            dt = _timed(partial(one, name, v_t, v_o), device)
             if i >= args.warmup:
                 times[name].append(dt)
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -44,11 +44,11 @@ def spec_for(limit_train: int, epochs: int) -> dict:
 def direct_child(spec_json: str, checkpoint_dir: str) -> None:
     """The direct call, as its own process (``--direct-child``)."""
     from shared.data import load_dataset
-    from shared.specs import parse_spec
+    from shared.specs import SslTrainSpec, parse_spec
     from workers.runtime.local import LocalContext
     from workers.ssl_trainer.train import train
 
-    spec = parse_spec(json.loads(spec_json))
+    spec = parse_spec(json.loads(spec_json), SslTrainSpec)
     data = load_dataset({"uri": spec.dataset}, image_size=spec.image_size, limit_train=spec.limit_train,
                         limit_test=spec.limit_test)
     train(spec, data, ctx=LocalContext(spec, checkpoint_dir=Path(checkpoint_dir)))

@@ -93,13 +93,13 @@ def random_init_checkpoint(data: Any, args: argparse.Namespace, seed: int) -> di
 
 
 def evaluate(checkpoint: dict[str, Any], data: Any, args: argparse.Namespace, seed: int) -> dict[str, float]:
-    from shared.specs import parse_spec
+    from shared.specs import EvalSpec, parse_spec
     from workers.evaluator.run import evaluate as run_eval
 
     spec = parse_spec({"kind": "eval", "checkpoint": NIL, "dataset": args.dataset, "knn_k": [1, 20],
                        "linear": {"epochs": args.probe_epochs, "milestones": [int(args.probe_epochs * 0.6),
                                                                               int(args.probe_epochs * 0.85)],
-                                  "augment": False}, "seed": seed})
+                                  "augment": False}, "seed": seed}, EvalSpec)
     return run_eval(spec, data, checkpoint)
 
 
@@ -178,7 +178,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     from shared.data import load_dataset
-    from shared.specs import parse_spec
+    from shared.specs import DistillSpec, SslTrainSpec, parse_spec
     from workers.common.device import configure_threads
     from workers.distiller.train import train as distill
     from workers.runtime.local import LocalContext
@@ -187,7 +187,7 @@ def main() -> None:
     configure_threads()
     data = load_dataset({"uri": args.dataset}, image_size=args.image_size, limit_train=args.limit_train or None,
                         limit_test=args.limit_test or None)
-    recipe = parse_spec(ssl_spec("msf", args, 0)).augment  # type: ignore[attr-defined]
+    recipe = parse_spec(ssl_spec("msf", args, 0), SslTrainSpec).augment
     runs: list[dict[str, Any]] = []
     t_all = time.perf_counter()
 
@@ -204,21 +204,20 @@ def main() -> None:
         for key, _, method, extra in SSL_ROWS:
             if key not in args.methods:
                 continue
-            spec = parse_spec(ssl_spec(method, args, seed, **extra))
-            ctx = LocalContext(spec)
+            train_spec = parse_spec(ssl_spec(method, args, seed, **extra), SslTrainSpec)
+            train_ctx = LocalContext(train_spec)
             t0 = time.perf_counter()
-            ssl_train(spec, data, ctx=ctx)  # type: ignore[arg-type]
-            state = ctx.checkpoint_state(-1)
+            ssl_train(train_spec, data, ctx=train_ctx)
+            state = train_ctx.checkpoint_state(-1)
             teacher = state if key == "msf" else teacher
-            record(key, seed, state, time.perf_counter() - t0, curve_of(ctx))
+            record(key, seed, state, time.perf_counter() - t0, curve_of(train_ctx))
         for key, _, head in SIMREG_ROWS:
             if key not in args.methods or teacher is None:
                 continue
-            spec = parse_spec(distill_spec(head, args, seed))
-            ctx = LocalContext(spec)
+            distill_ctx = LocalContext(parse_spec(distill_spec(head, args, seed), DistillSpec))
             t0 = time.perf_counter()
-            distill(spec, data, [teacher], ctx=ctx)  # type: ignore[arg-type]
-            record(key, seed, ctx.checkpoint_state(-1), time.perf_counter() - t0, [])
+            distill(distill_ctx.spec, data, [teacher], ctx=distill_ctx)
+            record(key, seed, distill_ctx.checkpoint_state(-1), time.perf_counter() - t0, [])
 
     total = time.perf_counter() - t_all
     print(f"\nssl_repro: {args.dataset} ({len(data.train_images)} train / {len(data.test_images)} test, "

@@ -20,10 +20,11 @@ from shared.kinds import queue_for
 from shared.models import Job, JobDependency, JobEvent, Outbox
 from shared.models.base import JSONType, UTCDateTime
 
-_JOBS: Table = Job.__table__  # type: ignore[assignment]
-_DEPS: Table = JobDependency.__table__  # type: ignore[assignment]
-_OUTBOX: Table = Outbox.__table__  # type: ignore[assignment]
-_EVENTS: Table = JobEvent.__table__  # type: ignore[assignment]
+# declarative models type __table__ as FromClause; for these mapped classes it is their Table
+_JOBS: Table = Job.__table__  # type: ignore[assignment]  # a Table (see above)
+_DEPS: Table = JobDependency.__table__  # type: ignore[assignment]  # a Table (see above)
+_OUTBOX: Table = Outbox.__table__  # type: ignore[assignment]  # a Table (see above)
+_EVENTS: Table = JobEvent.__table__  # type: ignore[assignment]  # a Table (see above)
 
 
 def complete_row(job: Job) -> dict[str, Any]:
@@ -34,9 +35,9 @@ def complete_row(job: Job) -> dict[str, Any]:
         value = getattr(job, col.key, None)
         default = col.default
         if value is None and default is not None and getattr(default, "is_scalar", False):
-            value = default.arg  # type: ignore[attr-defined]
+            value = default.arg  # type: ignore[attr-defined]  # is_scalar: a ScalarElementColumnDefault
         elif value is None and default is not None and getattr(default, "is_callable", False):
-            value = default.arg(None)  # type: ignore[attr-defined]
+            value = default.arg(None)  # type: ignore[attr-defined]  # is_callable: a CallableColumnDefault
         row[col.key] = value
         setattr(job, col.key, value)
     return row
@@ -91,7 +92,7 @@ def _insert_portable(session: Session, row: dict[str, Any], *, events: list[tupl
 
         stmt = sqlite_insert(_JOBS).values(**row).on_conflict_do_nothing(
             index_elements=[_JOBS.c.project_id, _JOBS.c.idempotency_key])
-    if session.execute(stmt).rowcount != 1:  # type: ignore[attr-defined]
+    if session.execute(stmt).rowcount != 1:  # type: ignore[attr-defined]  # an INSERT gives a CursorResult
         return False
     if parent_ids:
         session.execute(insert(_DEPS), [{"job_id": row["id"], "parent_id": p} for p in parent_ids])
