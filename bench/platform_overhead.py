@@ -38,7 +38,8 @@ from tests.stack import wait_http
 def spec_for(limit_train: int, epochs: int) -> dict:
     return {"kind": "ssl-train", "method": "msf", "experiment": "bench-overhead", "dataset": "builtin://shapes",
             "limit_train": limit_train, "limit_test": 500, "backbone": "resnet18", "stem": "imagenet",
-            "batch_size": 64, "bank_size": 512, "topk": 5, "epochs": epochs, "knn_every": 0, "seed": 0}
+            "batch_size": 64, "bank_size": min(512, limit_train), "topk": 5, "epochs": epochs, "knn_every": 0,
+            "seed": 0}
 
 
 def direct_child(spec_json: str, checkpoint_dir: str) -> None:

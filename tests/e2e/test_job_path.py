@@ -3,6 +3,8 @@ training MSF → checkpoints in S3 → metrics in MLflow. Plus: SIGKILL mid-trai
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from mlflow import MlflowClient
 
@@ -30,6 +32,9 @@ def test_msf_job_runs_end_to_end(platform):
     assert job["status"] == "succeeded", platform.diagnostics(job["id"])
     assert job["progress"] == 1.0 and job["attempt"] == 1
     assert worker.poll() is None  # the worker survives and waits for more
+    # the job ran in the worker's pre-started child (torch already imported), not a fresh interpreter
+    worker_log = platform.procs.log(f"worker{platform._workers}")
+    assert re.search(rf"job {job['id']} attempt 1: child pid \d+ \(warm\)", worker_log), worker_log[-3000:]
 
     # results: k-NN of the trained network and of the random-init baseline
     res = job["result"]
