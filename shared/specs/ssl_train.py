@@ -109,9 +109,10 @@ class SslTrainSpec(VisionTrainingSpec):
 
     @classmethod
     def recipe_defaults(cls, data: dict[str, Any]) -> dict[str, Any]:
-        if data.get("method") == "isd":
+        if data.get("method") == "isd":  # not validated yet: any JSON value may be here
             isd = data.get("isd") or {}
-            return dict(_ISD_RECIPES.get(isd.get("recipe", "plus") if isinstance(isd, dict) else "plus", {}))
+            recipe = isd.get("recipe", "plus") if isinstance(isd, dict) else "plus"
+            return dict(_ISD_RECIPES.get(recipe, {})) if isinstance(recipe, str) else {}
         return {}
 
     @field_validator("color_jitter")
