@@ -52,7 +52,8 @@ class DistillSpec(VisionTrainingSpec):
 
     @classmethod
     def recipe_defaults(cls, data: dict[str, Any]) -> dict[str, Any]:
-        return dict(_RECIPES.get(data.get("method", "simreg"), {}))
+        method = data.get("method", "simreg")  # not validated yet: it may be any JSON value
+        return dict(_RECIPES.get(method, {})) if isinstance(method, str) else {}
 
     @field_validator("teachers")
     @classmethod

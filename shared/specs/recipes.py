@@ -107,7 +107,7 @@ def family_of(data: dict[str, Any]) -> str:
     """The family a raw spec dict asks for: ``augment.preset`` unless 'auto', else the dataset's."""
     augment = data.get("augment")
     preset = augment.get("preset", "auto") if isinstance(augment, dict) else getattr(augment, "preset", "auto")
-    if preset in FAMILIES:
+    if isinstance(preset, str) and preset in FAMILIES:  # raw input: any JSON value may be here
         return str(preset)
     return dataset_family(str(data.get("dataset") or "builtin://shapes"))
 

@@ -115,9 +115,10 @@ class SslTrainSpec(VisionTrainingSpec):
     def recipe_defaults(cls, data: dict[str, Any]) -> dict[str, Any]:
         # The dataset family's schedule (epochs, warm-up, image size), then the method's recipe on top.
         defaults = schedule_defaults(family_of(data))
-        if data.get("method") == "isd":
+        if data.get("method") == "isd":  # not validated yet: any JSON value may be here
             isd = data.get("isd") or {}
-            defaults |= _ISD_RECIPES.get(isd.get("recipe", "plus") if isinstance(isd, dict) else "plus", {})
+            recipe = isd.get("recipe", "plus") if isinstance(isd, dict) else "plus"
+            defaults |= _ISD_RECIPES.get(recipe, {}) if isinstance(recipe, str) else {}
         return defaults
 
     @model_validator(mode="before")
