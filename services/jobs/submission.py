@@ -9,16 +9,18 @@ INSERTs in the caller's transaction; their dispatcher polls.
 
 from __future__ import annotations
 
+import json
 import uuid
 from typing import Any
 
-from sqlalchemy import Integer, String, Table, Uuid, column, func, insert, literal, select, true, values
+from sqlalchemy import String, Table, Text, Uuid, cast, column, func, insert, literal, select, true
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import Session
 
 from services.scheduler.wakeup import DISPATCH_CHANNEL
 from shared.kinds import queue_for
 from shared.models import Job, JobDependency, JobEvent, Outbox
-from shared.models.base import JSONType, UTCDateTime
+from shared.models.base import UTCDateTime
 
 # declarative models type __table__ as FromClause; for these mapped classes it is their Table
 _JOBS: Table = Job.__table__  # type: ignore[assignment]  # a Table (see above)
@@ -61,8 +63,11 @@ def _insert_postgres(session: Session, row: dict[str, Any], *, events: list[tupl
          .returning(_JOBS.c.id).cte("j"))
     now = literal(row["created_at"], UTCDateTime())
     ctes = []
+    # Row lists travel as array parameters (unnest), not as a VALUES list: SQLAlchemy cannot cache a statement
+    # holding VALUES data, and compiling this one costs more than executing it.
     if parent_ids:
-        par = values(column("parent_id", Uuid()), name="par").data([(p,) for p in parent_ids])
+        par = (func.unnest(literal(parent_ids, ARRAY(Uuid())))
+               .table_valued(column("parent_id", Uuid())).render_derived("par"))
         ctes.append(insert(_DEPS).from_select(["job_id", "parent_id"], select(j.c.id, par.c.parent_id)
                                    .join_from(j, par, true())).cte("d"))
     queue = queue_for(row["worker_kind"])
@@ -71,8 +76,10 @@ def _insert_postgres(session: Session, row: dict[str, Any], *, events: list[tupl
             ["job_id", "attempt", "queue", "priority", "created_at", "publish_attempts"],
             select(j.c.id, literal(row["attempt"]), literal(queue), literal(row["priority"]), now, literal(0)),
         ).cte("o"))
-    ev = values(column("ord", Integer()), column("type", String()), column("data", JSONType), name="ev").data(
-        [(i, type_, data) for i, (type_, data) in enumerate(events)])
+    ev = func.unnest(literal([t for t, _ in events], ARRAY(String())),
+                     cast(literal([json.dumps(d) for _, d in events], ARRAY(Text())), ARRAY(JSONB()))
+                     ).table_valued(column("type", String()), column("data", JSONB()), with_ordinality="ord"
+                                    ).render_derived("ev")
     ctes.append(insert(_EVENTS).from_select(
         ["job_id", "attempt", "ts", "type", "data"],
         select(j.c.id, literal(row["attempt"]), now, ev.c.type, ev.c.data).join_from(j, ev, true())
