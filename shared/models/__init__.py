@@ -4,9 +4,11 @@
 from shared.models.artifacts import Artifact, ArtifactParent, Dataset
 from shared.models.base import Base, utcnow
 from shared.models.jobs import ACTIVE, TERMINAL, Job, JobDependency, JobEvent, JobStatus, Outbox, Worker
+from shared.models.pipelines import Pipeline, PipelineJob, PipelineStep
 from shared.models.projects import ApiKey, Experiment, Project
 
 __all__ = [
     "ACTIVE", "TERMINAL", "ApiKey", "Artifact", "ArtifactParent", "Base", "Dataset", "Experiment", "Job",
-    "JobDependency", "JobEvent", "JobStatus", "Outbox", "Project", "Worker", "utcnow",
+    "JobDependency", "JobEvent", "JobStatus", "Outbox", "Pipeline", "PipelineJob", "PipelineStep", "Project", "Worker",
+    "utcnow",
 ]
