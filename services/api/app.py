@@ -19,6 +19,8 @@ from services.errors import DomainError
 from services.health.router import router as health_router
 from services.jobs.router import router as jobs_router
 from services.metrics import install_metrics
+from services.pipelines.router import router as pipelines_router
+from services.pipelines.router import templates_router as pipeline_templates_router
 from services.projects.router import router as projects_router
 from shared.config import get_settings
 
@@ -80,7 +82,8 @@ def create_app(*, check_schema: bool = True) -> FastAPI:
 
     app.include_router(health_router)
     install_metrics(app)  # GET /metrics, GET /metrics/queues and the request-latency middleware
-    for router in (projects_router, jobs_router, datasets_router, artifacts_router):
+    for router in (projects_router, jobs_router, datasets_router, artifacts_router, pipelines_router,
+                   pipeline_templates_router):
         app.include_router(router, prefix=API_PREFIX)
     app.state.settings = get_settings()
     return app

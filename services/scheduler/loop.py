@@ -37,6 +37,7 @@ def run_scheduler(stop: threading.Event | None = None) -> None:
 
                     tracker = Tracker(settings)
                 close_runs(tracker, r.runs_to_close)
+            _sync_pipeline_runs(settings)
             with session_scope() as session:
                 d = dispatch_once(session, celery, settings)
             if d.published:
@@ -48,3 +49,14 @@ def run_scheduler(stop: threading.Event | None = None) -> None:
         except OSError:
             pass
         stop.wait(max(0.0, settings.SCHEDULER_INTERVAL_SECONDS - (time.monotonic() - started)))
+
+
+def _sync_pipeline_runs(settings: object) -> None:
+    """Pipelines' MLflow parent runs and their child links (best effort: MLflow may be down)."""
+    from services.pipelines.tracking import sync_runs
+    from shared.tracking import Tracker
+
+    try:
+        sync_runs(lambda: Tracker(settings))  # type: ignore[arg-type]
+    except Exception as e:
+        log.warning("could not sync pipelines' MLflow runs (retrying next cycle): %s", e)

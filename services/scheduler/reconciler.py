@@ -28,6 +28,7 @@ class ReconcileStats:
     promoted: int = 0
     dependency_failed: int = 0
     stale_workers: int = 0
+    pipelines_changed: int = 0
     runs_to_close: list[tuple[str, str]] = field(default_factory=list)  # (mlflow run id, job status)
 
 
@@ -78,6 +79,11 @@ def reconcile_once(session: Session, settings: Settings) -> ReconcileStats:
         elif all(st == JobStatus.SUCCEEDED for _, st in parents):
             enqueue(session, job, reason="all dependencies succeeded")
             stats.promoted += 1
+
+    # 3b. Pipelines: create the jobs of steps whose parents succeeded (fan-out included), settle statuses.
+    from services.pipelines.service import advance as advance_pipelines
+
+    stats.pipelines_changed = advance_pipelines(session)
 
     # 4. Forget workers that stopped heart-beating long ago (metrics and probes read this table).
     gone = now - timedelta(seconds=10 * settings.HEARTBEAT_SECONDS + settings.LEASE_SECONDS)
