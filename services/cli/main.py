@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from services.cli.client import ApiError, Client
+from services.cli.pipelines import pipeline_app
 from services.cli.probes import probe_app
 
 app = typer.Typer(help="Crucible: submit and follow ML training jobs.", no_args_is_help=True,
@@ -27,6 +28,7 @@ app.add_typer(db_app, name="db")
 app.add_typer(keys_app, name="keys")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(probe_app, name="probe")
+app.add_typer(pipeline_app, name="pipeline")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
