@@ -49,11 +49,12 @@ def step_rows(session: Session, pipeline: Pipeline) -> dict[str, PipelineStep]:
 
 
 def current_jobs(session: Session, step: PipelineStep) -> list[tuple[PipelineJob, Job]]:
-    return list(session.execute(
+    rows = session.execute(
         select(PipelineJob, Job).join(Job, Job.id == PipelineJob.job_id)
         .where(PipelineJob.step_id == step.id, PipelineJob.current.is_(True))
         .order_by(PipelineJob.item_index, PipelineJob.id)
-    ).tuples())
+    ).all()
+    return [(pj, job) for pj, job in rows]
 
 
 def job_outputs(session: Session, job: Job) -> dict[str, Any]:
@@ -79,6 +80,8 @@ def refresh(session: Session, steps: dict[str, PipelineStep], defn: dict[str, An
         if step.state not in ("running", "failed", "cancelled", "succeeded"):
             continue
         jobs = [j for _, j in current_jobs(session, step)]
+        if not jobs:  # cancelled or failed before any job was made: nothing to recompute from
+            continue
         expected = len(step.items or []) if defn["steps"][name].get("foreach") is not None else 1
         failed = next((j for j in jobs if j.status == JobStatus.FAILED), None)
         cancelled = next((j for j in jobs if j.status == JobStatus.CANCELLED), None)
