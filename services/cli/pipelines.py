@@ -82,7 +82,7 @@ def submit(file: Annotated[Path | None, typer.Argument(help="YAML pipeline: `ste
 def _submit(file: Path | None, template: str | None, params: list[str], follow: bool) -> None:
     if (file is None) == (template is None):
         raise ValueError("give a pipeline FILE or --template NAME")
-    body = _load(file) if file is not None else {"template": template}
+    body: dict[str, Any] = _load(file) if file is not None else {"template": template}
     body["params"] = {**(body.get("params") or {}), **_params(params)}
     p = Client().request("POST", "/v1/pipelines", json=body)
     typer.echo(f"submitted pipeline {p['id']} ({len(p['steps'])} steps: {', '.join(s['name'] for s in p['steps'])})")

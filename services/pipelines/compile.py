@@ -72,7 +72,7 @@ def apply_params(value: Any, params: dict[str, Any], loc: list[str | int],
 def compile_pipeline(steps: dict[str, Any], params: dict[str, Any], *, experiment: str = "default",
                      loc: tuple[str, ...] = ("body",)) -> dict[str, Any]:
     problems: list[tuple[list[str | int], str]] = []
-    base = [*loc, "steps"]
+    base: list[str | int] = [*loc, "steps"]
     if not isinstance(steps, dict) or not steps:
         raise PipelineInvalid([(base, "a pipeline needs at least one step: a mapping of step name to job spec")])
     if len(steps) > MAX_STEPS:
@@ -92,7 +92,7 @@ def compile_pipeline(steps: dict[str, Any], params: dict[str, Any], *, experimen
     graph: dict[str, set[str]] = {}
     edge_field: dict[tuple[str, str], list[str | int]] = {}
     for name, raw in steps.items():
-        sloc = [*base, name]
+        sloc: list[str | int] = [*base, name]
         raw = apply_params(raw, params, sloc, problems)
         spec = {k: v for k, v in raw.items() if k not in RESERVED}
         spec.setdefault("experiment", experiment)
