@@ -25,13 +25,19 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, overload
 
 if TYPE_CHECKING:
     from shared.specs.common import JobSpecBase
 
 Mode = Literal["job", "service"]
+# A "value" is any JSON value (a list of them can be fanned out over); "list[...]" outputs are lists of that type.
+OutputType = Literal["dataset", "file", "model", "value", "list[dataset]", "list[file]", "list[model]", "list[value]"]
+
+
+OUTPUT_TYPES: tuple[str, ...] = ("dataset", "file", "model", "value", "list[dataset]", "list[file]", "list[model]",
+                                 "list[value]")
 
 
 class UnknownKind(ValueError, KeyError):
@@ -78,6 +84,9 @@ class JobKind:
     entry_point: str  # "module:function" run inside the child process (workers/runtime/child.py)
     summary: str
     mode: Mode = "job"
+    # Named outputs the method makes with ``ctx.save_output`` (beside its checkpoints), by type; pipelines
+    # type-check references to them (``${steps.<step>.outputs.<name>}``) at submit.
+    outputs: Mapping[str, OutputType] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         for field_name in ("spec", "entry_point"):
@@ -85,6 +94,10 @@ class JobKind:
             if not (module and sep and attr):
                 raise ValueError(f"job kind {self.name!r}: {field_name} must be 'module:attribute', "
                                  f"got {getattr(self, field_name)!r}")
+        for out, typ in self.outputs.items():
+            if typ not in OUTPUT_TYPES:
+                raise ValueError(f"job kind {self.name!r}: output {out!r} has type {typ!r}; one of: "
+                                 f"{', '.join(OUTPUT_TYPES)}")
         if self.mode not in ("job", "service"):
             raise ValueError(f"job kind {self.name!r}: mode must be 'job' or 'service', got {self.mode!r}")
 

@@ -21,6 +21,8 @@ from services.errors import MAX_MESSAGE_CHARS, DomainError, safe_input, short
 from services.health.router import router as health_router
 from services.jobs.router import router as jobs_router
 from services.metrics import install_metrics
+from services.pipelines.router import router as pipelines_router
+from services.pipelines.router import templates_router as pipeline_templates_router
 from services.projects.router import router as projects_router
 from shared.config import get_settings
 
@@ -87,7 +89,8 @@ def create_app(*, check_schema: bool = True) -> FastAPI:
     install_fault_handlers(app)  # a dependency outage is a 503 with Retry-After, never a 500
     app.include_router(health_router)
     install_metrics(app)  # GET /metrics, GET /metrics/queues and the request-latency middleware
-    for router in (projects_router, jobs_router, datasets_router, artifacts_router):
+    for router in (projects_router, jobs_router, datasets_router, artifacts_router, pipelines_router,
+                   pipeline_templates_router):
         app.include_router(router, prefix=API_PREFIX)
     # Outermost of the app's own middleware: nothing reads a body or a parameter before it is bounded.
     app.add_middleware(InputLimits, upload_paths=[f"{API_PREFIX}/datasets"])

@@ -16,6 +16,7 @@ from typing import Annotated, Any, TypeVar, cast
 import typer
 
 from services.cli.client import ApiError, Client
+from services.cli.pipelines import pipeline_app
 from services.cli.probes import probe_app
 
 app = typer.Typer(help="Crucible: submit and follow ML training jobs.", no_args_is_help=True,
@@ -29,6 +30,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(datasets_app, name="datasets")
 app.add_typer(admin_app, name="admin")
 app.add_typer(probe_app, name="probe")
+app.add_typer(pipeline_app, name="pipeline")
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -41,6 +41,7 @@ def run_scheduler(stop: threading.Event | None = None) -> None:
 
                     tracker = Tracker(settings)
                 close_runs(tracker, r.runs_to_close)
+            _sync_pipeline_runs(settings)
             with session_scope() as session:
                 d = dispatch_once(session, celery, settings)
             if d.published:
@@ -66,3 +67,14 @@ def _dispatch(celery: Celery, settings: Settings) -> None:
             log.info("dispatched %d job(s) on notify: %s", d.published, dict(d.per_queue))
     except Exception:
         log.exception("dispatch on notify failed; the next cycle retries")
+
+
+def _sync_pipeline_runs(settings: object) -> None:
+    """Pipelines' MLflow parent runs and their child links (best effort: MLflow may be down)."""
+    from services.pipelines.tracking import sync_runs
+    from shared.tracking import Tracker
+
+    try:
+        sync_runs(lambda: Tracker(settings))  # type: ignore[arg-type]
+    except Exception as e:
+        log.warning("could not sync pipelines' MLflow runs (retrying next cycle): %s", e)

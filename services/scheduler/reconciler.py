@@ -28,6 +28,7 @@ class ReconcileStats:
     promoted: int = 0
     dependency_failed: int = 0
     stale_workers: int = 0
+    pipelines_changed: int = 0
     runs_to_close: list[tuple[str, str]] = field(default_factory=list)  # (mlflow run id, job status)
 
 
@@ -65,6 +66,11 @@ def reconcile_once(session: Session, settings: Settings) -> ReconcileStats:
     # 3. Dependencies: start jobs whose parents all succeeded; fail those with a parent that cannot. One
     #    aggregate over every pending job's parents; only the jobs that change are then loaded and locked.
     stats.promoted, stats.dependency_failed = _settle_dependencies(session)
+
+    # 3b. Pipelines: create the jobs of steps whose parents succeeded (fan-out included), settle statuses.
+    from services.pipelines.service import advance as advance_pipelines
+
+    stats.pipelines_changed = advance_pipelines(session)
 
     # 4. Outbox rows whose job moved on before they were published (cancelled, or re-queued as another
     #    attempt): one set-based UPDATE, so the dispatcher never ranks them again.

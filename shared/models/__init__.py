@@ -4,10 +4,12 @@
 from shared.models.artifacts import Artifact, ArtifactParent, Dataset
 from shared.models.base import Base, utcnow
 from shared.models.jobs import ACTIVE, TERMINAL, Job, JobDependency, JobEvent, JobStatus, Outbox, Worker
+from shared.models.pipelines import Pipeline, PipelineJob, PipelineStep
 from shared.models.projects import ApiKey, Experiment, Project
 from shared.models.storage import StorageGrant
 
 __all__ = [
     "ACTIVE", "TERMINAL", "ApiKey", "Artifact", "ArtifactParent", "Base", "Dataset", "Experiment", "Job",
-    "JobDependency", "JobEvent", "JobStatus", "Outbox", "Project", "StorageGrant", "Worker", "utcnow",
+    "JobDependency", "JobEvent", "JobStatus", "Outbox", "Pipeline", "PipelineJob", "PipelineStep", "Project",
+    "StorageGrant", "Worker", "utcnow",
 ]

@@ -98,6 +98,8 @@ class Job(UUIDPk, Timestamped, Base):
     progress: Mapped[float] = mapped_column(Float, default=0.0)
     eta_seconds: Mapped[float | None] = mapped_column(Float, default=None)
     result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Named values the method produced (``ctx.save_output``); pipelines pass them to later steps.
+    outputs: Mapped[dict[str, Any]] = mapped_column(default=dict)
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), default=None)
 
     # Columns: timeline

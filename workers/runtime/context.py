@@ -147,6 +147,12 @@ class JobContext(Generic[SpecT]):
         """The job's headline metrics (stored on the job row and as MLflow metrics)."""
         self.event("result", values={k: float(v) for k, v in values.items()})
 
+    def save_output(self, name: str, value: Any) -> None:
+        """A named JSON value this job produced (e.g. the list a pipeline's next step fans out over); kept on
+        the job row (``jobs.outputs``). Declare it in the job kind's ``outputs`` so pipelines can check uses."""
+        json.dumps(value)  # fail here, in the method, rather than in the supervisor
+        self.event("output", name=str(name), value=value)
+
     # --- checkpoints and artifacts -----------------------------------------------------------
     @property
     def store(self) -> Any:

@@ -37,6 +37,7 @@ class LocalContext(Generic[SpecT]):
         self.checkpoints: list[dict[str, Any]] = []  # {"epoch", "step", "final", "path" | "data"}
         self.artifacts: list[dict[str, Any]] = []
         self.result: dict[str, float] | None = None
+        self.outputs: dict[str, Any] = {}
 
     def log(self, message: str) -> None:
         self.messages.append(message)
@@ -50,6 +51,9 @@ class LocalContext(Generic[SpecT]):
 
     def set_result(self, values: dict[str, float]) -> None:
         self.result = {k: float(v) for k, v in values.items()}
+
+    def save_output(self, name: str, value: Any) -> None:
+        self.outputs[str(name)] = value
 
     def check_preempt(self, save: Callable[[], Any] | None = None) -> None:
         if self.stop_requested:
