@@ -111,7 +111,9 @@ def load_builtin(name: str, *, image_size: int, limit_train: int | None = None,
             with np.load(path, allow_pickle=False) as z:
                 return ImageDataset(train_images=z["train_images"], train_labels=z["train_labels"],
                                     test_images=z["test_images"], test_labels=z["test_labels"],
-                                    classes=[str(c) for c in z["classes"]], name=name)
+                                    classes=[str(c) for c in z["classes"]], name=name,
+                                    family=str(BUILTIN_META[name]["family"]),
+                                    channels=int(BUILTIN_META[name]["channels"]))
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)  # torn or foreign file: rebuild it
     data = _build(name, image_size, limit_train, limit_test)
