@@ -240,6 +240,25 @@ def test_writes_of_an_attempt_without_a_live_lease_are_refused(client, auth):
     _cancel(job_id)
 
 
+@pytest.mark.integration
+def test_named_outputs_reach_the_job_row_through_the_fenced_flush(client, auth):
+    from workers.runtime.events import EventRelay
+    from workers.runtime.protocol import encode_event
+
+    job_id = _submit(client, auth)
+    _claim(job_id, 1)
+    relay = EventRelay(job_id, 1, run_id=None, tracker=None, worker_id="w", inputs={})
+    relay.handle_event(encode_event("output", name="clusters", value=[0, 1, 2]))
+    assert relay.flush()
+    assert _job(job_id).outputs == {"clusters": [0, 1, 2]}
+    with session_scope() as s:
+        s.get(Job, job_id).lease_expires_at = utcnow()  # lapsed: a late output is dropped, not written
+    relay.handle_event(encode_event("output", name="clusters", value=[9]))
+    assert not relay.flush() and relay.dropped_events == 1
+    assert _job(job_id).outputs == {"clusters": [0, 1, 2]}
+    _cancel(job_id)
+
+
 # --- no database needed -------------------------------------------------------------------------------------
 def _relay():
     from workers.runtime.events import EventRelay

@@ -32,6 +32,7 @@ class EventRelay:
         self._artifacts: list[dict[str, Any]] = []
         self._points: list[tuple[str, float, int]] = []
         self._tags: dict[str, str] = {}
+        self._outputs: dict[str, Any] = {}
         self._progress: tuple[float, float | None] | None = None
         self._last_progress_event: dict[str, Any] | None = None
         # Lineage: checkpoints descend from the dataset they were trained on and from the previous checkpoint.
@@ -76,6 +77,9 @@ class EventRelay:
             self._events.append(("metrics", {"step": event.step, "values": event.values}))
         elif isinstance(event, protocol.Checkpoint | protocol.Artifact):
             self._artifacts.append(event.model_dump(mode="json"))
+        elif isinstance(event, protocol.Output):
+            self._outputs[event.name] = event.value
+            self._events.append(("output", {"name": event.name, "value": event.value}))
         elif isinstance(event, protocol.Result):
             self.result.update(event.values)
             self._points.extend((k, v, 0) for k, v in event.values.items())
@@ -103,6 +107,9 @@ class EventRelay:
                                     progress=frac, eta_seconds=eta)
                     for type_, data in self._events:
                         lifecycle.add_event(s, self.job_id, self.attempt, type_, **data)
+                    if self._outputs:  # the job row's named outputs (pipelines read them), in the same fence
+                        job = s.get(Job, self.job_id)
+                        job.outputs = {**(job.outputs or {}), **self._outputs}
                     last_ckpt = self._last_checkpoint
                     try:
                         for art in self._artifacts:
@@ -116,6 +123,7 @@ class EventRelay:
                 return False
             self._events.clear()
             self._artifacts.clear()
+            self._outputs.clear()
             self._progress = None
         self._flush_mlflow()
         return True
@@ -128,6 +136,7 @@ class EventRelay:
     def _drop(self) -> None:
         self.dropped_events += len(self._events) + (self._last_progress_event is not None)
         self.dropped_artifacts += len(self._artifacts)
+        self._outputs.clear()
         self._events.clear()
         self._artifacts.clear()
         self._points.clear()

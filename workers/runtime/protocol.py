@@ -86,6 +86,14 @@ class Artifact(_Event):
     meta: dict[str, Any] = Field(default_factory=dict)
 
 
+class Output(_Event):
+    """A named JSON value the job produced (``ctx.save_output``), e.g. the list a pipeline step fans out over."""
+
+    type: Literal["output"] = "output"
+    name: _NAME
+    value: Any
+
+
 class Result(_Event):
     type: Literal["result"] = "result"
     values: dict[_NAME, float] = Field(max_length=1000)
@@ -93,7 +101,7 @@ class Result(_Event):
     _finite = field_validator("values")(_finite_values)
 
 
-Event = Annotated[Progress | Metrics | Checkpoint | Artifact | Result, Field(discriminator="type")]
+Event = Annotated[Progress | Metrics | Checkpoint | Artifact | Output | Result, Field(discriminator="type")]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 
