@@ -52,20 +52,23 @@ def real_stack() -> Iterator[dict[str, str]]:
 
 
 @contextmanager
-def processes(*commands: list[str]) -> Iterator[list[subprocess.Popen[bytes]]]:
-    from services.localstack import stop
+def processes(*commands: list[str], tree: Path = ROOT,
+              env: dict[str, str] | None = None) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """``crucible`` role processes (api, scheduler, worker) run from ``tree`` (another checkout: a baseline), in
+    their own sessions, logs under a temp dir; all stopped (and reaped) together on exit."""
+    from services.localstack import stop_pids
 
     logdir = Path(tempfile.mkdtemp(prefix="crucible-bench-logs-"))
+    child_env = None if env is None else {**env, "PYTHONPATH": str(tree)}
     procs = []
     try:
         for i, cmd in enumerate(commands):
             log = open(logdir / f"{i}-{cmd[0]}.log", "ab")
-            procs.append(subprocess.Popen([sys.executable, "-m", "services.cli.main", *cmd], cwd=ROOT, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(subprocess.Popen([sys.executable, "-m", "services.cli.main", *cmd], cwd=tree, stdout=log,
+                                          stderr=subprocess.STDOUT, env=child_env, start_new_session=True))
         yield procs
     finally:
-        for p in procs:
-            stop(p, timeout=20)
+        stop_pids([p.pid for p in procs], timeout=20)
 
 
 def new_key() -> str:

@@ -32,7 +32,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, machine, real_stack
+from bench.common import ROOT, machine, processes, real_stack
 from services import localstack
 from tests.stack import wait_http
 
@@ -171,21 +171,6 @@ def _py(tree: Path, env: dict[str, str], code: str) -> str:
     return r.stdout.strip()
 
 
-@contextmanager
-def services(tree: Path, env: dict[str, str], *commands: list[str]) -> Iterator[list[subprocess.Popen[bytes]]]:
-    logdir = Path(tempfile.mkdtemp(prefix="crucible-bench-logs-"))
-    procs = []
-    try:
-        for i, cmd in enumerate(commands):
-            log = open(logdir / f"{i}-{cmd[0]}.log", "ab")
-            procs.append(subprocess.Popen([sys.executable, "-m", "services.cli.main", *cmd], cwd=tree, stdout=log,
-                                          stderr=subprocess.STDOUT, env={**env, "PYTHONPATH": str(tree)},
-                                          start_new_session=True))
-        yield procs
-    finally:
-        localstack.stop_pids([p.pid for p in procs], timeout=20)
-
-
 def claim_latency(url: str, token: str, env: dict[str, str], *, samples: int) -> float:
     """Median submit → claimed (the job row's started_at - created_at), one job at a time, idle worker."""
     import httpx
@@ -235,7 +220,7 @@ def run_variant(tree: Path, base_env: dict[str, str], db: str, args: argparse.Na
     port = localstack.free_port()
     url = f"http://127.0.0.1:{port}"
     # No scheduler while the API is measured: this is the API + Postgres path, not dispatch.
-    with services(tree, env, ["api", "--port", str(port), "--workers", str(args.api_workers)]):
+    with processes(["api", "--port", str(port), "--workers", str(args.api_workers)], tree=tree, env=env):
         wait_http(f"{url}/healthz", timeout=60)
         import httpx
 
@@ -257,8 +242,8 @@ def run_variant(tree: Path, base_env: dict[str, str], db: str, args: argparse.Na
     if args.claim_samples:
         port = localstack.free_port()
         url = f"http://127.0.0.1:{port}"
-        with _py_cleanup(tree, env), services(tree, env, ["api", "--port", str(port)], ["scheduler"],
-                                              ["worker", "--kind", "ssl-trainer"]):
+        with _py_cleanup(tree, env), processes(["api", "--port", str(port)], ["scheduler"],
+                                               ["worker", "--kind", "ssl-trainer"], tree=tree, env=env):
             wait_http(f"{url}/healthz", timeout=60)
             out["claim_ms"] = claim_latency(url, token, env, samples=args.claim_samples)
     return out

@@ -56,7 +56,7 @@ from workers.runtime.local import LocalContext
 from workers.vision.augment import EvalTransform, ViewTransform
 from workers.vision.backbones import Backbone, create_backbone
 from workers.vision.checkpoints import model_payload
-from workers.vision.data import EvalDataset, OneViewDataset, check_dataset_fits, load_job_dataset, train_loader
+from workers.vision.data import EvalDataset, OneViewDataset, check_dataset_fits, epoch_loader, load_job_dataset
 from workers.vision.knn import evaluate_knn
 
 LOG_EVERY = 10  # steps between metric events (each costs a device sync)
@@ -174,10 +174,8 @@ class DistillMethod(Method[DistillSpec]):
 
     # --- the loop's calls -------------------------------------------------------------------------------
     def epoch_batches(self, epoch: int) -> Iterable[Any]:
-        comm = self.env.comm
-        return train_loader(self.train_set, self.local_batch, seed=self.spec.seed, epoch=epoch,
-                            num_workers=self.spec.num_workers, pin_memory=self.env.device.type == "cuda",
-                            rank=comm.rank, world_size=comm.world_size)
+        return epoch_loader(self.train_set, self.env, batch_size=self.local_batch, seed=self.spec.seed, epoch=epoch,
+                            num_workers=self.spec.num_workers)
 
     def train_step(self, module: nn.Module, batch: Any) -> StepOutput:
         _, x01, _ = batch

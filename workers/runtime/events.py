@@ -108,7 +108,7 @@ class EventRelay:
                     for type_, data in self._events:
                         lifecycle.add_event(s, self.job_id, self.attempt, type_, **data)
                     if self._outputs:  # the job row's named outputs (pipelines read them), in the same fence
-                        job = s.get(Job, self.job_id)
+                        job = s.get_one(Job, self.job_id)  # fence() just matched the row
                         job.outputs = {**(job.outputs or {}), **self._outputs}
                     last_ckpt = self._last_checkpoint
                     try:

@@ -56,7 +56,7 @@ from workers.ssl_trainer.msf import spread
 from workers.ssl_trainer.state import export_part
 from workers.vision.augment import EvalTransform, build_view_transforms
 from workers.vision.backbones import create_backbone
-from workers.vision.data import EvalDataset, TwoViewDataset, check_dataset_fits, load_job_dataset, train_loader
+from workers.vision.data import EvalDataset, TwoViewDataset, check_dataset_fits, epoch_loader, load_job_dataset
 from workers.vision.knn import evaluate_knn
 
 LOG_EVERY = 10  # steps between metric events (each costs a device sync for .item())
@@ -163,10 +163,8 @@ class SslTrainMethod(Method[SslTrainSpec]):
 
     # --- the loop's calls -------------------------------------------------------------------------------
     def epoch_batches(self, epoch: int) -> Iterable[Any]:
-        comm = self.env.comm
-        return train_loader(self.train_set, self.local_batch, seed=self.spec.seed, epoch=epoch,
-                            num_workers=self.spec.num_workers, pin_memory=self.env.device.type == "cuda",
-                            rank=comm.rank, world_size=comm.world_size)
+        return epoch_loader(self.train_set, self.env, batch_size=self.local_batch, seed=self.spec.seed, epoch=epoch,
+                            num_workers=self.spec.num_workers)
 
     def train_step(self, module: nn.Module, batch: Any) -> StepOutput:
         indices, (v_target, v_online), labels = batch

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker
 
 from shared.data import DatasetError, ImageDataset, load_dataset
 from workers.common.context import MethodContext
+from workers.common.loop import LoopEnv
 from workers.runtime.context import JobConfigError
 from workers.vision.augment import EvalTransform, ViewTransform
 
@@ -152,6 +153,13 @@ def train_loader(dataset: TwoViewDataset | OneViewDataset, batch_size: int, *, s
         num_workers=num_workers, generator=torch.Generator().manual_seed((s + rank) % (2**63 - 1)),
         worker_init_fn=_seed_worker, collate_fn=collated, pin_memory=pin_memory, persistent_workers=False,
     )
+
+
+def epoch_loader(dataset: TwoViewDataset | OneViewDataset, env: LoopEnv[Any], *, batch_size: int, seed: int,
+                 epoch: int, num_workers: int = 0) -> DataLoader[Any]:
+    """``train_loader`` for this process of a training loop (its rank, world size and device)."""
+    return train_loader(dataset, batch_size, seed=seed, epoch=epoch, num_workers=num_workers,
+                        pin_memory=env.device.type == "cuda", rank=env.comm.rank, world_size=env.comm.world_size)
 
 
 def eval_loader(dataset: EvalDataset, batch_size: int = 512, *, num_workers: int = 0,
