@@ -76,6 +76,12 @@ class Settings(BaseSettings):
     # Operator's ceiling on a spec's retries.infra: one bad spec must not crash-loop a GPU node 100 times.
     MAX_INFRA_RETRIES: int = Field(10, ge=0)
 
+    # --- webhooks (services/scheduler/webhooks.py) --------------------------------------------
+    WEBHOOK_TIMEOUT_SECONDS: float = 5.0  # one POST, connect to last byte
+    WEBHOOK_MAX_ATTEMPTS: int = Field(8, ge=1)  # then the delivery is marked failed (last_error kept)
+    WEBHOOK_BATCH: int = 8  # due deliveries taken per scheduler cycle, POSTed in parallel
+    WEBHOOK_BACKOFF_CAP_SECONDS: float = 600.0  # 2^attempts s (with jitter), at most this
+
     # --- workers ------------------------------------------------------------------------------
     WORKER_TORCH_THREADS: int = 0  # 0: let torch decide
     WORK_DIR: Path | None = None  # per-job scratch space; defaults to HOME/work

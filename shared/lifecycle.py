@@ -23,6 +23,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, and_, func, select, update
 from sqlalchemy.orm import Session
 
+from shared import webhooks
 from shared.config import get_settings
 from shared.kinds import queue_for
 from shared.models import Job, JobEvent, JobStatus, Outbox, utcnow
@@ -261,6 +262,8 @@ def terminate(session: Session, job: Job, status: JobStatus, reason: str | None)
         job.progress = 1.0
         job.eta_seconds = 0.0
     add_event(session, job.id, job.attempt, "state", status=status.value, reason=reason)
+    webhooks.enqueue(session, job.project_id, f"job.{status.value}",
+                     {"job_id": str(job.id), "status": status.value, "reason": reason, "name": job.name})
 
 
 def _retry(session: Session, job: Job, reason: str) -> None:

@@ -16,7 +16,7 @@ from services.pipelines import steps as step_ops
 from services.pipelines import templates as tpl
 from services.pipelines.compile import PipelineInvalid, compile_pipeline
 from services.pipelines.schemas import PipelineRead, PipelineSubmit, StepJobRead, StepRead
-from shared import lifecycle
+from shared import lifecycle, webhooks
 from shared.models import Pipeline, PipelineJob, PipelineStep, utcnow
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -104,7 +104,7 @@ def cancel(*, session: Session, project_id: uuid.UUID, pipeline_id: uuid.UUID) -
             lifecycle.cancel(session, job)
         if row.state == "waiting":
             row.state, row.state_reason = "cancelled", "the pipeline was cancelled"
-    _finish(p, "cancelled", "cancelled on request")
+    _finish(session, p, "cancelled", "cancelled on request")
     return p
 
 
@@ -129,7 +129,7 @@ def retry(*, session: Session, project_id: uuid.UUID, pipeline_id: uuid.UUID) ->
     p.mlflow_closed = False
     session.flush()
     step_ops.materialize(session, p, rows)
-    _aggregate(p, rows)
+    _aggregate(session, p, rows)
     return p
 
 
@@ -145,29 +145,31 @@ def advance(session: Session) -> int:
         session.flush()
         step_ops.refresh(session, rows, p.definition)
         before = p.status
-        _aggregate(p, rows)
+        _aggregate(session, p, rows)
         changed += p.status != before
     return changed
 
 
-def _aggregate(p: Pipeline, rows: dict[str, PipelineStep]) -> None:
+def _aggregate(session: Session, p: Pipeline, rows: dict[str, PipelineStep]) -> None:
     states = [rows[n].state for n in p.definition["order"]]
     if any(s in ("waiting", "running") for s in states):
         return
     if all(s == "succeeded" for s in states):
-        _finish(p, "succeeded", None)
+        _finish(session, p, "succeeded", None)
         return
     failed = [rows[n] for n in p.definition["order"] if rows[n].state == "failed"]
     if failed:
         root = failed[0]
-        _finish(p, "failed", f"step {root.name!r} failed: {root.state_reason}")
+        _finish(session, p, "failed", f"step {root.name!r} failed: {root.state_reason}")
     else:
         cancelled = next(rows[n] for n in p.definition["order"] if rows[n].state in ("cancelled", "skipped"))
-        _finish(p, "cancelled", f"step {cancelled.name!r} was {cancelled.state}")
+        _finish(session, p, "cancelled", f"step {cancelled.name!r} was {cancelled.state}")
 
 
-def _finish(p: Pipeline, status: str, reason: str | None) -> None:
+def _finish(session: Session, p: Pipeline, status: str, reason: str | None) -> None:
     p.status, p.status_reason, p.finished_at = status, reason, utcnow()
+    webhooks.enqueue(session, p.project_id, f"pipeline.{status}",
+                     {"pipeline_id": str(p.id), "status": status, "reason": reason, "name": p.name})
 
 
 def step_of_job(session: Session, job_id: uuid.UUID) -> PipelineJob | None:

@@ -12,6 +12,7 @@ from celery import Celery
 from services.scheduler.dispatcher import dispatch_once
 from services.scheduler.reconciler import close_runs, reconcile_once
 from services.scheduler.wakeup import Wakeup
+from services.scheduler.webhooks import Courier
 from shared.celery_app import get_celery
 from shared.config import Settings, get_settings
 from shared.db import check_schema, session_scope
@@ -25,6 +26,7 @@ def run_scheduler(stop: threading.Event | None = None) -> None:
     celery = get_celery()
     tracker = None
     stop = stop or threading.Event()
+    courier = Courier(settings)  # webhook POSTs run in its threads: a slow receiver never stalls a cycle
     wakeup = Wakeup(settings).start()  # LISTEN/NOTIFY on Postgres: a submission is dispatched at once
     log.info("scheduler started (interval %.1fs, queue window %d)", settings.SCHEDULER_INTERVAL_SECONDS,
              settings.QUEUE_WINDOW)
@@ -49,6 +51,10 @@ def run_scheduler(stop: threading.Event | None = None) -> None:
         except Exception:  # the database or broker blinked; the next cycle retries
             log.exception("scheduler cycle failed; retrying")
         try:
+            courier.run_once()
+        except Exception:
+            log.exception("webhook delivery failed; the next cycle retries")
+        try:
             settings.SCHEDULER_ALIVE_FILE.touch()  # the loop itself is alive, whatever the cycle's outcome
         except OSError:
             pass
@@ -57,6 +63,7 @@ def run_scheduler(stop: threading.Event | None = None) -> None:
             if wakeup.wait(min(left, 0.25)):  # woken by a submission: dispatch now, reconcile on schedule
                 _dispatch(celery, settings)
     wakeup.stop()
+    courier.close()
 
 
 def _dispatch(celery: Celery, settings: Settings) -> None:
