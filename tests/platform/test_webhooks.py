@@ -1,0 +1,183 @@
+"""Webhook delivery against local HTTP receivers (one that answers, one that fails, one that hangs), with the
+deliveries written by the real state machine in real Postgres."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import wait
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from sqlalchemy import select, update
+
+from services.scheduler.dispatcher import dispatch_once
+from services.scheduler.webhooks import Courier
+from shared import lifecycle
+from shared.config import get_settings
+from shared.db import session_scope
+from shared.models import Job, Outbox, WebhookDelivery, utcnow
+
+pytestmark = pytest.mark.integration
+
+TINY = {"kind": "ssl-train", "dataset": "builtin://shapes", "limit_train": 256, "batch_size": 64, "bank_size": 128,
+        "epochs": 1}
+
+
+class Receiver:
+    """An HTTP server on a free local port that records each POST and answers ``code`` after ``delay`` s."""
+
+    def __init__(self, code: int = 200, delay: float = 0.0) -> None:
+        self.hits: list[tuple[dict[str, str], bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                outer.hits.append((dict(self.headers), body))
+                time.sleep(delay)
+                self.send_response(code)
+                self.end_headers()
+                self.wfile.write(b"ok" if code < 300 else b"receiver broke")
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _submit(client, auth) -> uuid.UUID:
+    r = client.post("/v1/jobs", json=TINY, headers=auth)
+    assert r.status_code == 201, r.json()
+    return uuid.UUID(r.json()["id"])
+
+
+def _hook(client, auth, url, **body) -> dict:
+    r = client.post("/v1/webhooks", json={"url": url, **body}, headers=auth)
+    assert r.status_code == 201, r.json()
+    return r.json()
+
+
+def _deliveries(client, auth, hook_id) -> list[dict]:
+    r = client.get(f"/v1/webhooks/{hook_id}/deliveries", headers=auth)
+    assert r.status_code == 200, r.json()
+    return r.json()
+
+
+def test_a_job_that_ends_is_posted_signed_once(client, auth):
+    rx = Receiver()
+    courier = Courier(get_settings())
+    try:
+        hook = _hook(client, auth, rx.url, events=["job.succeeded"])
+        assert len(hook["secret"]) == 64
+        assert "secret" not in client.get("/v1/webhooks", headers=auth).json()[0]
+        job_id = _submit(client, auth)
+        with session_scope() as s:  # a terminal change that rolls back leaves no delivery behind
+            lifecycle.claim(s, job_id=job_id, attempt=1, worker_id="w", lease_s=60)
+        with pytest.raises(RuntimeError), session_scope() as s:
+            lifecycle.finish_attempt(s, job_id=job_id, attempt=1, worker_id="w", outcome="succeeded")
+            raise RuntimeError("rolled back")
+        assert _deliveries(client, auth, hook["id"]) == []
+        with session_scope() as s:
+            lifecycle.finish_attempt(s, job_id=job_id, attempt=1, worker_id="w", outcome="succeeded")
+        [pending] = _deliveries(client, auth, hook["id"])
+        assert pending["status"] == "pending" and pending["event"] == "job.succeeded"
+
+        done, _ = wait(courier.run_once(), timeout=10)
+        assert [f.result() for f in done] == ["delivered"]
+        [(headers, body)] = rx.hits
+        expected = "sha256=" + hmac.new(hook["secret"].encode(), body, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(headers["X-Crucible-Signature"], expected)
+        assert headers["X-Crucible-Event"] == "job.succeeded" and headers["X-Crucible-Delivery"] == pending["id"]
+        payload = json.loads(body)
+        assert payload["job_id"] == str(job_id) and payload["status"] == "succeeded"
+        [d] = _deliveries(client, auth, hook["id"])
+        assert d["status"] == "delivered" and d["attempts"] == 1 and d["delivered_at"]
+        assert courier.run_once() == [] and len(rx.hits) == 1  # delivered once, not again
+
+        other = _submit(client, auth)  # job.cancelled is not among this hook's events
+        with session_scope() as s:
+            lifecycle.cancel(s, s.get(Job, other))
+        assert len(_deliveries(client, auth, hook["id"])) == 1
+    finally:
+        courier.close()
+        rx.close()
+
+
+def test_failing_and_hanging_receivers_are_retried_then_failed_without_blocking_dispatch(client, auth):
+    settings = get_settings().model_copy(update={"WEBHOOK_TIMEOUT_SECONDS": 0.5, "WEBHOOK_MAX_ATTEMPTS": 3})
+    broken, hanging = Receiver(code=500), Receiver(delay=3.0)
+    courier = Courier(settings)
+    try:
+        hooks = [_hook(client, auth, broken.url)["id"], _hook(client, auth, hanging.url)["id"]]
+        with session_scope() as s:
+            lifecycle.cancel(s, s.get(Job, _submit(client, auth)))
+        waiting = _submit(client, auth)
+        with session_scope() as s:  # tests share one database: only this job is left for the dispatcher
+            s.execute(update(Outbox).where(Outbox.published_at.is_(None), Outbox.job_id != waiting)
+                      .values(published_at=utcnow(), last_error="hidden by test"))
+        sent: list[str] = []
+
+        class Broker:
+            def send_task(self, name, args, queue, retry):
+                sent.append(args[0])
+
+        for attempt in (1, 2, 3):
+            started = time.monotonic()
+            futures = courier.run_once()  # one scheduler cycle: webhooks, then dispatch
+            assert len(futures) == 2 and time.monotonic() - started < 2.0  # did not wait for the hanging POST
+            if attempt == 1:
+                with session_scope() as s:
+                    assert dispatch_once(s, Broker(), settings).published == 1
+                assert sent == [str(waiting)] and all(not f.done() for f in futures)
+            wait(futures, timeout=10)
+            rows = [_deliveries(client, auth, h)[0] for h in hooks]
+            assert [r["attempts"] for r in rows] == [attempt, attempt]
+            assert "HTTP 500" in rows[0]["last_error"] and "Timeout" in rows[1]["last_error"]
+            if attempt < 3:
+                assert all(r["status"] == "pending" for r in rows)
+                with session_scope() as s:  # backed off: 2^attempts s with jitter; not due yet
+                    for d in s.scalars(select(WebhookDelivery).where(WebhookDelivery.webhook_id.in_(hooks))):
+                        wait_s = (d.next_attempt_at - utcnow()).total_seconds()
+                        assert 0.5 * 2 ** attempt - 1 < wait_s <= 2 ** attempt
+                    assert courier.run_once() == []
+                    s.execute(update(WebhookDelivery).where(WebhookDelivery.webhook_id.in_(hooks))
+                              .values(next_attempt_at=utcnow() - timedelta(seconds=1)))
+        assert all(r["status"] == "failed" for r in rows)
+        assert len(broken.hits) == 3 and len(hanging.hits) == 3
+        assert courier.run_once() == []  # given up: never sent again
+    finally:
+        courier.close()
+        broken.close()
+        hanging.close()
+
+
+def test_webhooks_are_project_scoped_and_urls_validated(client, auth):
+    from tests.conftest import new_project_key
+
+    hook = _hook(client, auth, "https://hooks.example.com/x", events=["pipeline.failed"])
+    other = {"Authorization": f"Bearer {new_project_key()[1]}"}
+    assert client.get("/v1/webhooks", headers=other).json() == []
+    assert client.delete(f"/v1/webhooks/{hook['id']}", headers=other).status_code == 404
+    assert client.get(f"/v1/webhooks/{hook['id']}/deliveries", headers=other).status_code == 404
+    for bad in ("ftp://hooks.example.com/x", "not a url", "https://" + "a" * 2100, "http:///nohost"):
+        r = client.post("/v1/webhooks", json={"url": bad}, headers=auth)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "url", (bad, r.json())
+    r = client.post("/v1/webhooks", json={"url": "https://x.example", "events": ["job.exploded"]}, headers=auth)
+    assert r.status_code == 422 and "events" in r.json()["detail"][0]["loc"]
+    assert [h["id"] for h in client.get("/v1/webhooks", headers=auth).json()] == [hook["id"]]
+    assert client.delete(f"/v1/webhooks/{hook['id']}", headers=auth).status_code == 204
+    assert client.get("/v1/webhooks", headers=auth).json() == []
+    assert client.get(f"/v1/webhooks/{hook['id']}/deliveries", headers=auth).status_code == 404
