@@ -181,3 +181,34 @@ def test_webhooks_are_project_scoped_and_urls_validated(client, auth):
     assert client.delete(f"/v1/webhooks/{hook['id']}", headers=auth).status_code == 204
     assert client.get("/v1/webhooks", headers=auth).json() == []
     assert client.get(f"/v1/webhooks/{hook['id']}/deliveries", headers=auth).status_code == 404
+
+
+def test_pipelines_that_end_are_notified(client, auth):
+    from services.scheduler.reconciler import reconcile_once
+
+    rx = Receiver()
+    courier = Courier(get_settings())
+    try:
+        hook = _hook(client, auth, rx.url, events=["pipeline.failed", "pipeline.cancelled"])
+        one = {"name": "p1", "steps": {"train": TINY}}
+        r = client.post("/v1/pipelines", json=one, headers=auth)
+        assert r.status_code == 201, r.json()
+        failing = r.json()
+        job_id = uuid.UUID(failing["steps"][0]["jobs"][0]["id"])
+        with session_scope() as s:  # its only job fails; the reconciler settles the pipeline as failed
+            lifecycle.claim(s, job_id=job_id, attempt=1, worker_id="w", lease_s=60)
+        with session_scope() as s:
+            lifecycle.finish_attempt(s, job_id=job_id, attempt=1, worker_id="w", outcome="config_error",
+                                     reason="bad spec")
+        with session_scope() as s:
+            reconcile_once(s, get_settings())
+        r = client.post("/v1/pipelines", json=one, headers=auth)
+        cancelled = r.json()
+        assert client.post(f"/v1/pipelines/{cancelled['id']}/cancel", headers=auth).status_code == 202
+        wait(courier.run_once(), timeout=10)
+        got = sorted((h["X-Crucible-Event"], json.loads(b)["pipeline_id"]) for h, b in rx.hits)
+        assert got == [("pipeline.cancelled", cancelled["id"]), ("pipeline.failed", failing["id"])]
+        assert {d["status"] for d in _deliveries(client, auth, hook["id"])} == {"delivered"}
+    finally:
+        courier.close()
+        rx.close()
