@@ -18,6 +18,7 @@ import typer
 from services.cli.client import ApiError, Client
 from services.cli.pipelines import pipeline_app
 from services.cli.probes import probe_app
+from services.cli.webhooks import webhooks_app
 
 app = typer.Typer(help="Crucible: submit and follow ML training jobs.", no_args_is_help=True,
                   pretty_exceptions_enable=False, add_completion=False)
@@ -31,6 +32,7 @@ app.add_typer(datasets_app, name="datasets")
 app.add_typer(admin_app, name="admin")
 app.add_typer(probe_app, name="probe")
 app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(webhooks_app, name="webhooks")
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -212,3 +212,31 @@ def test_pipelines_that_end_are_notified(client, auth):
     finally:
         courier.close()
         rx.close()
+
+
+def test_cli_adds_lists_and_removes_webhooks(client, auth, monkeypatch):
+    from typer.testing import CliRunner
+
+    import services.cli.webhooks as cli_webhooks
+    from services.cli.client import Client
+    from services.cli.main import app as cli
+
+    def api_client() -> Client:  # the CLI's client, over the in-process app
+        c = Client("http://testserver", auth["Authorization"][7:])
+        c.http = client
+        client.headers.update(auth)
+        return c
+
+    monkeypatch.setattr(cli_webhooks, "Client", api_client)
+    try:
+        r = CliRunner().invoke(cli, ["webhooks", "add", "https://hooks.example.com/cli", "-e", "job.failed"])
+        assert r.exit_code == 0 and "secret: " in r.output, r.output
+        hook_id = r.output.split()[1]
+        r = CliRunner().invoke(cli, ["webhooks", "list"])
+        assert r.exit_code == 0 and hook_id in r.output and "job.failed" in r.output
+        assert CliRunner().invoke(cli, ["webhooks", "rm", hook_id]).exit_code == 0
+        r = CliRunner().invoke(cli, ["webhooks", "add", "ftp://nope"])
+        assert r.exit_code == 1 and "error:" in r.output and "http" in r.output
+    finally:
+        for k in auth:
+            client.headers.pop(k, None)
