@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     # --- webhooks (services/scheduler/webhooks.py) --------------------------------------------
     WEBHOOK_TIMEOUT_SECONDS: float = 5.0  # one POST, connect to last byte
     WEBHOOK_MAX_ATTEMPTS: int = Field(8, ge=1)  # then the delivery is marked failed (last_error kept)
-    WEBHOOK_BATCH: int = 8  # due deliveries taken per scheduler cycle, POSTed in parallel
+    WEBHOOK_BATCH: int = Field(8, ge=1)  # POSTs in flight at once per scheduler (a thread each)
     WEBHOOK_BACKOFF_CAP_SECONDS: float = 600.0  # 2^attempts s (with jitter), at most this
 
     # --- workers ------------------------------------------------------------------------------

@@ -48,17 +48,17 @@ def backoff_seconds(attempts: int, settings: Settings) -> float:
 
 
 class Courier:
-    def __init__(self, settings: Settings, workers: int = 4) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.workers = workers
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="webhook")
+        self.workers = max(1, settings.WEBHOOK_BATCH)
+        self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="webhook")
         self._in_flight = 0
         self._lock = threading.Lock()
 
     def run_once(self) -> list[Future[str]]:
         """Lease due deliveries (no more than the pool has room for) and start their POSTs; returns at once."""
         with self._lock:
-            room = min(self.settings.WEBHOOK_BATCH, self.workers - self._in_flight)
+            room = self.workers - self._in_flight
         if room <= 0:
             return []
         sends = self._lease(room)

@@ -240,3 +240,27 @@ def test_cli_adds_lists_and_removes_webhooks(client, auth, monkeypatch):
     finally:
         for k in auth:
             client.headers.pop(k, None)
+
+
+def test_the_scheduler_loop_delivers(client, auth):
+    from services.scheduler.loop import run_scheduler
+    from tests.conftest import wait_for
+
+    rx = Receiver()
+    stop = threading.Event()
+    loop = threading.Thread(target=run_scheduler, args=(stop,), daemon=True)
+    try:
+        _hook(client, auth, rx.url, events=["job.cancelled"])
+        with session_scope() as s:
+            lifecycle.cancel(s, s.get(Job, _submit(client, auth)))
+            # tests share one database: leave other tests' queued jobs off the broker
+            s.execute(update(Outbox).where(Outbox.published_at.is_(None))
+                      .values(published_at=utcnow(), last_error="hidden by test"))
+        loop.start()
+        wait_for(lambda: rx.hits, timeout=20, what="the scheduler loop to POST the webhook")
+        assert rx.hits[0][0]["X-Crucible-Event"] == "job.cancelled"
+    finally:
+        stop.set()
+        rx.close()
+    loop.join(timeout=10)
+    assert not loop.is_alive()  # the loop stops when asked, its webhook threads with it
