@@ -76,6 +76,15 @@ def _deliveries(client, auth, hook_id) -> list[dict]:
     return r.json()
 
 
+def _only_ours(hook_ids) -> None:
+    """Tests share one database (schemathesis registers webhooks too): park other tests' pending deliveries."""
+    ours = [uuid.UUID(str(h)) for h in hook_ids]
+    with session_scope() as s:
+        s.execute(update(WebhookDelivery)
+                  .where(WebhookDelivery.status == "pending", WebhookDelivery.webhook_id.not_in(ours))
+                  .values(status="failed", last_error="hidden by test"))
+
+
 def test_a_job_that_ends_is_posted_signed_once(client, auth):
     rx = Receiver()
     courier = Courier(get_settings())
@@ -93,6 +102,7 @@ def test_a_job_that_ends_is_posted_signed_once(client, auth):
         with session_scope() as s:
             lifecycle.finish_attempt(s, job_id=job_id, attempt=1, worker_id="w", outcome="succeeded")
         [pending] = _deliveries(client, auth, hook["id"])
+        _only_ours([hook["id"]])
         assert pending["status"] == "pending" and pending["event"] == "job.succeeded"
 
         done, _ = wait(courier.run_once(), timeout=10)
@@ -117,7 +127,8 @@ def test_a_job_that_ends_is_posted_signed_once(client, auth):
 
 
 def test_failing_and_hanging_receivers_are_retried_then_failed_without_blocking_dispatch(client, auth):
-    settings = get_settings().model_copy(update={"WEBHOOK_TIMEOUT_SECONDS": 0.5, "WEBHOOK_MAX_ATTEMPTS": 3})
+    settings = get_settings().model_copy(update={"WEBHOOK_TIMEOUT_SECONDS": 0.5, "WEBHOOK_MAX_ATTEMPTS": 3,
+                                                 "QUEUE_WINDOW": 10_000})  # other tests' jobs hold no window
     broken, hanging = Receiver(code=500), Receiver(delay=3.0)
     courier = Courier(settings)
     try:
@@ -128,6 +139,7 @@ def test_failing_and_hanging_receivers_are_retried_then_failed_without_blocking_
         with session_scope() as s:  # tests share one database: only this job is left for the dispatcher
             s.execute(update(Outbox).where(Outbox.published_at.is_(None), Outbox.job_id != waiting)
                       .values(published_at=utcnow(), last_error="hidden by test"))
+        _only_ours(hooks)
         sent: list[str] = []
 
         class Broker:
@@ -205,6 +217,7 @@ def test_pipelines_that_end_are_notified(client, auth):
         r = client.post("/v1/pipelines", json=one, headers=auth)
         cancelled = r.json()
         assert client.post(f"/v1/pipelines/{cancelled['id']}/cancel", headers=auth).status_code == 202
+        _only_ours([hook["id"]])
         wait(courier.run_once(), timeout=10)
         got = sorted((h["X-Crucible-Event"], json.loads(b)["pipeline_id"]) for h, b in rx.hits)
         assert got == [("pipeline.cancelled", cancelled["id"]), ("pipeline.failed", failing["id"])]
@@ -250,9 +263,11 @@ def test_the_scheduler_loop_delivers(client, auth):
     stop = threading.Event()
     loop = threading.Thread(target=run_scheduler, args=(stop,), daemon=True)
     try:
-        _hook(client, auth, rx.url, events=["job.cancelled"])
+        hook = _hook(client, auth, rx.url, events=["job.cancelled"])
         with session_scope() as s:
             lifecycle.cancel(s, s.get(Job, _submit(client, auth)))
+        _only_ours([hook["id"]])
+        with session_scope() as s:
             # tests share one database: leave other tests' queued jobs off the broker
             s.execute(update(Outbox).where(Outbox.published_at.is_(None))
                       .values(published_at=utcnow(), last_error="hidden by test"))
