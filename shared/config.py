@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     DATA_CACHE_DIR: Path | None = None  # downloaded datasets, keyed by sha256
     WARM_CHILD: bool = True  # pre-start the next job's child (torch and methods imported); False: cold per job
     LOCAL_CACHE: bool = True  # builtin datasets and random-init k-NN baselines cached under DATA_CACHE_DIR
+    # Share of training wall time that intermediate checkpoints (serialise + hash + upload) may take: a checkpoint
+    # costing 1 s is stored at most every 20 s at 0.05. The first, the final and a preemption's are always
+    # stored; 1.0 stores every one (the tests, which kill jobs at chosen epochs).
+    CHECKPOINT_DUTY: float = Field(0.05, gt=0, le=1)
 
     # --- uploads ------------------------------------------------------------------------------
     MAX_UPLOAD_BYTES: int = 2 * 1024**3

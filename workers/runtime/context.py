@@ -84,6 +84,8 @@ class JobContext(Generic[SpecT]):
         self._upload: threading.Thread | None = None
         self._upload_error: BaseException | None = None
         self._seq = 0
+        self._last_stored_at: float | None = None  # monotonic time the last stored checkpoint started
+        self._last_cost_s = 0.0  # what it cost: serialisation on this thread + hash and upload in the background
         self.stop_requested = False
         self._t0 = time.monotonic()
         self._done0: int | None = None
@@ -171,8 +173,11 @@ class JobContext(Generic[SpecT]):
         (returns ""): rank 0 holds the same state."""
         if not self.is_main:
             return ""
+        if not self._should_store(final):
+            return ""
         import torch
 
+        started = time.monotonic()
         payload = dict(state)
         critical = self.spec.critical_config()
         payload["crucible"] = {
@@ -186,10 +191,14 @@ class JobContext(Generic[SpecT]):
         tmp.replace(path)
         self.wait_uploads()
         keys: list[str] = []
+        serialised_s = time.monotonic() - started
+        self._last_stored_at, self._last_cost_s = started, serialised_s
 
         def upload() -> None:
+            t0 = time.monotonic()
             try:
                 obj = self.store.put_file(path)  # hashes, then uploads unless the content is there already
+                self._last_cost_s = serialised_s + (time.monotonic() - t0)
                 self.event("checkpoint", epoch=epoch, step=step, key=obj.key, sha256=obj.sha256, size=obj.size,
                            final=final, critical=critical)
                 keys.append(obj.key)
@@ -204,6 +213,20 @@ class JobContext(Generic[SpecT]):
             self.wait_uploads()
             return keys[0] if keys else ""
         return ""
+
+    def _should_store(self, final: bool) -> bool:
+        """Whether this checkpoint is stored: quiet training keeps checkpoint work under ``CHECKPOINT_DUTY`` of
+        the wall time (a skipped one costs nothing: not even serialised). The first, the final and a stop's
+        checkpoint are always stored, so resume loses at most ~cost/duty seconds of work to a hard kill."""
+        from shared.config import get_settings
+
+        duty = get_settings().CHECKPOINT_DUTY
+        if final or self.stop_requested or self._last_stored_at is None or duty >= 1:
+            return True
+        if self._upload is not None and self._upload.is_alive():
+            return False  # the previous one is still on its way: this one would only queue behind it
+        elapsed = time.monotonic() - self._last_stored_at
+        return self._last_cost_s <= duty * elapsed
 
     def wait_uploads(self) -> None:
         """Block until the checkpoint upload in flight (if any) is done; re-raise its failure here."""
