@@ -18,9 +18,11 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# Every checkpoint is stored in the tests (the production default stores them at most CHECKPOINT_DUTY of the
-# time): the kill/resume tests choose the epoch a job is killed at and count the checkpoints it left.
-os.environ.setdefault("CRUCIBLE_CHECKPOINT_DUTY", "1")
+def pytest_configure(config: pytest.Config) -> None:
+    # Every checkpoint is stored in the tests (the production default stores them at most CHECKPOINT_DUTY of the
+    # time): the kill/resume tests choose the epoch a job is killed at and count the checkpoints it left. Set
+    # here, not at import: the benchmarks import this module's helpers and must run with the defaults.
+    os.environ.setdefault("CRUCIBLE_CHECKPOINT_DUTY", "1")
 
 
 def _apply_env(env: dict[str, str]) -> None:
