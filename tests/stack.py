@@ -16,6 +16,7 @@ import subprocess
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from services import localstack
@@ -83,8 +84,10 @@ class TestStack:
 
         port = localstack.free_port()
         self.mlflow_url = f"http://127.0.0.1:{port}"
-        settings = Settings(**{k.removeprefix("CRUCIBLE_"): v for k, v in self.env.items()
-                               if k.startswith("CRUCIBLE_") and k != "CRUCIBLE_HOME"})
+        # keywords are the settings' field names (values as strings, validated like the environment's)
+        values: dict[str, Any] = {k.removeprefix("CRUCIBLE_"): v for k, v in self.env.items()
+                                  if k.startswith("CRUCIBLE_") and k != "CRUCIBLE_HOME"}
+        settings = Settings(**values)
         self.mlflow_proc = localstack.start_mlflow_server(
             backend_uri=backend.replace("postgresql://", "postgresql+psycopg://", 1), port=port,
             artifacts_destination=f"s3://{BUCKET}/mlflow-artifacts", settings=settings,
