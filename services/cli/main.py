@@ -441,7 +441,19 @@ def demo(
     from services.embedded import demo_spec, run_demo
 
     spec = demo_spec(dataset, epochs=epochs)  # a bad dataset fails here, before any server starts
+    _unwind_on_sigterm()
     run_demo(spec=spec, keep_running=keep_running, echo=typer.echo, follow=_follow)
+
+
+def _unwind_on_sigterm() -> None:
+    """SIGTERM (``kill``, a closed terminal, a CI timeout) unwinds like Ctrl-C, so ``finally`` stops the stack's
+    processes; Python's default SIGTERM exits at once and would leave them running."""
+    import signal
+
+    def handler(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main() -> None:
