@@ -370,15 +370,17 @@ def _finish(a: Attempt, worker_id: str, outcome: str, reason: str | None, relay:
     with session_scope() as s:
         status = lifecycle.finish_attempt(s, job_id=a.job_id, attempt=a.attempt, worker_id=worker_id,
                                           outcome=outcome, reason=reason, result=result)
+        if status is not None and status.terminal and a.run_id and relay is not None:
+            # Before the commit makes the job's end visible: whoever sees "succeeded" in the API finds the
+            # MLflow run FINISHED too (the row stays locked for this one call).
+            relay.close_run(status.value)
     if status is None:
         log.warning("job %s attempt %d: ended %s but no longer held the job; nothing recorded", a.job_id,
                     a.attempt, outcome)
         return LEASE_LOST
     log.info("job %s attempt %d: %s -> %s (%s)", a.job_id, a.attempt, outcome, status, reason or "")
-    if status.terminal and a.run_id and relay is not None:
-        relay.close_run(status.value)
-        if status.value == "succeeded" and result:
-            _report_to_input_runs(a, result, relay)
+    if status.terminal and a.run_id and relay is not None and status.value == "succeeded" and result:
+        _report_to_input_runs(a, result, relay)
     return outcome
 
 
