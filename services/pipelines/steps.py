@@ -23,7 +23,7 @@ from services.errors import DomainError
 from services.jobs import service as job_service
 from services.pipelines.compile import MAX_FANOUT, ref_type
 from services.pipelines.refs import KEEP, Path, Ref, substitute
-from shared.models import Artifact, Job, JobEvent, JobStatus, Pipeline, PipelineJob, PipelineStep
+from shared.models import Artifact, Job, JobStatus, Pipeline, PipelineJob, PipelineStep
 from shared.specs import parse_spec
 
 ACTIVE_STEP = ("waiting", "running")
@@ -58,13 +58,7 @@ def current_jobs(session: Session, step: PipelineStep) -> list[tuple[PipelineJob
 
 
 def job_outputs(session: Session, job: Job) -> dict[str, Any]:
-    """The job's named outputs: ``jobs.outputs``, filled from its ``output`` events the first time."""
-    if not job.outputs and job.status == JobStatus.SUCCEEDED:
-        evs = session.scalars(select(JobEvent).where(JobEvent.job_id == job.id, JobEvent.type == "output",
-                                                     JobEvent.attempt == job.attempt).order_by(JobEvent.id))
-        found = {e.data["name"]: e.data.get("value") for e in evs if "name" in e.data}
-        if found:
-            job.outputs = found
+    """The job's named outputs (``jobs.outputs``, written by the supervisor's fenced event flush)."""
     return dict(job.outputs or {})
 
 

@@ -77,8 +77,10 @@ def _run(job_id: str, outcome: str = "succeeded", checkpoints: int = 0, outputs:
             s.add(art)
             s.flush()
             made.append(f"artifact:{art.id}")
-        for k, v in (outputs or {}).items():
+        for k, v in (outputs or {}).items():  # what the supervisor's relay writes for an `output` event
             s.add(JobEvent(job_id=jid, attempt=job.attempt, type="output", data={"name": k, "value": v}))
+        if outputs:
+            job.outputs = {**(job.outputs or {}), **outputs}
         lifecycle.finish_attempt(s, job_id=jid, attempt=job.attempt, worker_id="test", outcome=outcome,
                                  reason=reason)
     return made
