@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from services.errors import Conflict, DomainError, NotFound
 from services.jobs import service as job_service
+from services.projects import service as project_service
 from services.sweeps import space
 from services.sweeps.schemas import BestRead, CheckpointRead, SweepRead, TrialRead
 from shared import lifecycle, webhooks
@@ -27,14 +28,18 @@ def submit(*, session: Session, project_id: uuid.UUID, body: SweepSpec) -> Sweep
     checkpoints, resources: the same 404/422 as ``POST /v1/jobs``, under ``base``), then write the sweep row."""
     kind, budget = space.check(body)
     spec = parse_spec(space.anchor(body))
+    # The experiment is made outside the dry run's savepoint: its rollback must not undo a row that the experiment
+    # cache of services.projects holds by then; a refused sweep forgets it (the caller rolls the row back).
+    project_service.get_or_create_experiment(session=session, project_id=project_id, name=spec.experiment)
     savepoint = session.begin_nested()
     try:
         job_service.submit(session=session, project_id=project_id, spec=spec)
     except DomainError as e:
+        savepoint.rollback()
+        project_service.forget_experiment(project_id, spec.experiment)
         rest = [p for p in (e.loc or []) if p != "body"]
         raise type(e)(e.message, loc=["body", "base", *rest]) from None
-    finally:
-        savepoint.rollback()
+    savepoint.rollback()
     sweep_id = uuid.uuid4()
     sweep = Sweep(id=sweep_id, project_id=project_id, name=body.name or f"{kind}-sweep", experiment=spec.experiment,
                   kind=kind, definition=body.model_dump(mode="json"), max_trials=budget,

@@ -127,31 +127,33 @@ def anchor(spec: SweepSpec) -> dict[str, Any]:
 
 def check(spec: SweepSpec) -> tuple[str, int]:
     """Validate the sweep against its base kind; returns (kind, effective trial budget) or raises a 422."""
-    problems: Problems = []
     try:
-        parsed = parse_spec(anchor(spec))
+        model = spec_model(str(spec.base.get("kind")))
     except UnknownKind as e:
         raise Invalid(str(e), loc=["body", "base", "kind"]) from None
-    except ValidationError as e:
-        raise SweepInvalid([(["body", "base", *_strip_tag(err["loc"], spec.base)], _msg(err["msg"]))
-                            for err in e.errors()]) from None
-    kind = parsed.kind
-    model = spec_model(kind)
-    base = anchor(spec)
-    for path, param in spec.search_space.items():
-        loc: list[str | int] = ["body", "search_space", path]
+    kind = str(spec.base["kind"])
+    problems: Problems = []
+    for path in spec.search_space:
         why = path_problem(model, path)
         if why is not None:
-            problems.append((loc, f"base spec of kind {kind!r}: {why}"))
-            continue
+            problems.append((["body", "search_space", path], f"base spec of kind {kind!r}: {why}"))
+    if problems:
+        raise SweepInvalid(problems)
+    base = anchor(spec)
+    try:
+        parse_spec(base)
+    except ValidationError as e:
+        raise SweepInvalid([(["body", "base", *_strip_tag(err["loc"], base)], _msg(err["msg"]))
+                            for err in e.errors()]) from None
+    for path, param in spec.search_space.items():
         for value in probe_values(param):
             try:
                 parse_spec(set_path(base, path, value))
             except ValidationError as e:
                 err = e.errors()[0]
                 field = ".".join(map(str, _strip_tag(err["loc"], base)))
-                problems.append((loc, f"{value!r} is not a valid value for base.{path} "
-                                      f"({field}: {_msg(err['msg'])}); narrow the range"))
+                problems.append((["body", "search_space", path], f"{value!r} is not a valid value for base.{path} "
+                                                                 f"({field}: {_msg(err['msg'])}); narrow the range"))
                 break
     budget = spec.max_trials
     if spec.sampler.type == "grid":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from typing import Any
 
 from shared.config import get_settings
@@ -61,7 +62,10 @@ def sampler(spec: SweepSpec, *, trials_so_far: int) -> Any:
     if spec.sampler.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # constant_liar: running trials count as (pessimistic) observations, so concurrent trials spread out
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials, constant_liar=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.sampler.n_startup_trials,
+                                          constant_liar=True)
 
 
 def pruner(spec: SweepSpec) -> Any:
