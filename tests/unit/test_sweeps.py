@@ -282,3 +282,14 @@ def test_cancelling_a_sweep_cancels_its_trials_and_settles(embedded):
     assert [t["state"] for t in v["trials"]] == ["failed", "failed"]
     with session_scope() as s:
         assert s.get_one(service.Sweep, sid).settled
+
+
+def test_the_example_sweeps_are_valid():
+    import yaml
+
+    files = sorted((Path(__file__).resolve().parents[2] / "shared" / "specs" / "sweeps").glob("*.yaml"))
+    assert files
+    for f in files:
+        spec = SweepSpec.model_validate(yaml.safe_load(f.read_text()))
+        kind, budget = space.check(spec)
+        assert kind == spec.base["kind"] and budget == spec.max_trials, f
