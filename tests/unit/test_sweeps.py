@@ -293,3 +293,26 @@ def test_the_example_sweeps_are_valid():
         spec = SweepSpec.model_validate(yaml.safe_load(f.read_text()))
         kind, budget = space.check(spec)
         assert kind == spec.base["kind"] and budget == spec.max_trials, f
+
+
+# --- the pruned outcome ----------------------------------------------------------------------------------------
+def test_a_pruned_running_job_gets_the_cooperative_stop_and_ends_pruned_not_cancelled_or_retried():
+    from types import SimpleNamespace
+
+    from shared import lifecycle
+    from shared.models import Job, JobStatus
+    from workers.runtime.protocol import EXIT_OK, EXIT_PREEMPTED
+    from workers.runtime.supervisor import classify
+
+    added: list[Any] = []
+    session = SimpleNamespace(add=added.append)
+    job = Job(id=uuid.uuid4(), attempt=1, status=JobStatus.RUNNING, project_id=uuid.uuid4())
+    assert lifecycle.prune(session, job, reason="asha") == JobStatus.RUNNING  # type: ignore[arg-type]
+    assert job.cancel_requested and job.stop_reason == lifecycle.PRUNE
+    assert [e.type for e in added] == ["prune_requested"]
+    # the supervisor's stop (SIGTERM -> checkpoint -> exit 75) is classified as pruned, not preempted/cancelled
+    outcome, reason = classify(EXIT_PREEMPTED, "pruned", 100, [])
+    assert outcome == lifecycle.Outcome.PRUNED and "after checkpointing" in (reason or "")
+    assert classify(EXIT_OK, "pruned", 100, [])[0] == lifecycle.SUCCEEDED  # finished before the stop landed
+    assert classify(-9, "pruned", 100, [])[0] == lifecycle.Outcome.PRUNED
+    assert lifecycle.can_transition(JobStatus.QUEUED, JobStatus.PRUNED) and JobStatus.PRUNED.terminal
