@@ -108,7 +108,7 @@ def _observe(session: Session, study: Any, spec: SweepSpec, t: SweepTrial, plan:
     """New intermediate values of a running trial, its pruning, and its end."""
     from optuna.trial import TrialState
 
-    frozen = study._storage.get_trial(t.optuna_trial_id)
+    frozen = study_mod.storage().get_trial(t.optuna_trial_id)
     if t.job_id is None:  # the sampled spec was refused: a failed trial
         _tell(study, t.number, TrialState.FAIL)
         plan.rows[t.id] = {"state": "failed", "finished_at": utcnow()}
@@ -134,7 +134,7 @@ def _observe(session: Session, study: Any, spec: SweepSpec, t: SweepTrial, plan:
         step = int(values.get(step_key, data.get("step", 0)))
         value = float(values[metric])
         if not frozen.state.is_finished() and step not in frozen.intermediate_values:
-            study._storage.set_trial_intermediate_value(t.optuna_trial_id, step, value)
+            study_mod.storage().set_trial_intermediate_value(t.optuna_trial_id, step, value)
             frozen.intermediate_values[step] = value
             reported = True
         last_step, last_value = step, value
@@ -142,7 +142,7 @@ def _observe(session: Session, study: Any, spec: SweepSpec, t: SweepTrial, plan:
     if job.status.terminal:
         update |= _outcome(study, spec, t, job, last_value)
     elif (reported and not job.cancel_requested and spec.early_stopping.type != "none"
-          and study.pruner.prune(study, study._storage.get_trial(t.optuna_trial_id))):
+          and study.pruner.prune(study, study_mod.storage().get_trial(t.optuna_trial_id))):
         plan.prune.append((job, f"pruned by {spec.early_stopping.type} at {step_key} {last_step}: {metric} "
                                 f"{last_value:.6g} is not among the best of the trials that reached it"))
     plan.rows[t.id] = update
