@@ -108,6 +108,24 @@ def test_an_asha_sweep_of_eight_trials_prunes_and_reports_the_best(platform):
     child = ml.get_run(best["mlflow_run_id"])
     assert float(child.data.params["lr"]) == pytest.approx(best["params"]["lr"])  # MLflow's compare view
 
+    out = _cli(platform, "sweep", "best", sid)
+    assert f"best trial #{best['number']}" in out and s["best"]["checkpoint"]["uri"] in out
+    assert "sweep" in _cli(platform, "sweep", "follow", sid, "--interval", "0.2")
+
+
+def _cli(platform: Any, *args: str) -> str:
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    token = platform.http.headers["Authorization"].split()[1]
+    r = subprocess.run([sys.executable, "-m", "services.cli.main", *args], cwd=ROOT, capture_output=True, text=True,
+                       env={**os.environ, "CRUCIBLE_API_URL": platform.url, "CRUCIBLE_API_KEY": token}, timeout=60)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stdout, r.stderr)
+    return r.stdout + r.stderr
+
 
 def test_a_worker_killed_during_a_sweep_loses_no_trial(platform):
     worker = _worker(platform)

@@ -316,3 +316,22 @@ def test_a_pruned_running_job_gets_the_cooperative_stop_and_ends_pruned_not_canc
     assert classify(EXIT_OK, "pruned", 100, [])[0] == lifecycle.SUCCEEDED  # finished before the stop landed
     assert classify(-9, "pruned", 100, [])[0] == lifecycle.Outcome.PRUNED
     assert lifecycle.can_transition(JobStatus.QUEUED, JobStatus.PRUNED) and JobStatus.PRUNED.terminal
+
+
+def test_follow_renders_one_line_per_trial_with_its_progress():
+    from services.cli.sweeps import render
+
+    s = {"name": "x", "status": "running", "progress": 0.5, "max_trials": 3, "objective": {"metric": "loss"},
+         "counts": {"running": 1, "complete": 1, "pruned": 1, "failed": 0},
+         "best": {"trial": 0, "value": 0.25},
+         "trials": [{"number": 0, "state": "complete", "params": {"lr": 0.01}, "value": 0.25, "last_value": 0.3,
+                     "last_step": 3, "attempt": 1, "progress": 1.0},
+                    {"number": 1, "state": "pruned", "params": {"lr": 0.1}, "value": None, "last_value": 0.9,
+                     "last_step": 1, "attempt": 1, "progress": 1.0},
+                    {"number": 2, "state": "running", "params": {"lr": 0.05}, "value": None, "last_value": None,
+                     "last_step": None, "attempt": 2, "progress": 0.4}]}
+    lines = render(s)
+    assert lines[0] == ("sweep x [running] 1 complete, 1 pruned, 0 failed of 3, best #0 0.25", 0.5)
+    assert lines[1] == ("  #0 [complete] lr=0.01 loss=0.25", 1.0)
+    assert lines[2] == ("  #1 [pruned] lr=0.1 loss=0.9 @1", 1.0)
+    assert lines[3] == ("  #2 [running] (attempt 2) lr=0.05", 0.4)
