@@ -6,9 +6,11 @@ bug in the caller, never user input). Each transition of a running job is a guar
 reconciler changes nothing: "the broker delivers, Postgres decides".
 
 pending -> queued (dependencies met) -> dispatched (on the broker) -> running (claimed) -> succeeded / failed /
-cancelled; running -> queued is a retry (attempt + 1), dispatched -> queued a re-publish of a lost message,
-queued -> running a claim that overtook the dispatcher's bookkeeping; pending, queued and dispatched jobs can be
-cancelled, and a pending one fails when a dependency does.
+cancelled / pruned; running -> queued is a retry (attempt + 1), dispatched -> queued a re-publish of a lost
+message, queued -> running a claim that overtook the dispatcher's bookkeeping; pending, queued and dispatched jobs
+can be cancelled (or pruned), and a pending one fails when a dependency does. ``pruned`` is a sweep's early stop
+(``prune``): the running method gets the cooperative stop of a cancel (SIGTERM -> checkpoint), and the attempt
+ends as pruned, never retried.
 """
 
 from __future__ import annotations
@@ -32,13 +34,14 @@ MAX_EVENT_TEXT = 4000
 
 _S = JobStatus
 TRANSITIONS: Mapping[JobStatus, frozenset[JobStatus]] = {
-    _S.PENDING: frozenset({_S.QUEUED, _S.FAILED, _S.CANCELLED}),
-    _S.QUEUED: frozenset({_S.DISPATCHED, _S.RUNNING, _S.CANCELLED}),
-    _S.DISPATCHED: frozenset({_S.RUNNING, _S.QUEUED, _S.CANCELLED}),
-    _S.RUNNING: frozenset({_S.SUCCEEDED, _S.FAILED, _S.CANCELLED, _S.QUEUED}),
+    _S.PENDING: frozenset({_S.QUEUED, _S.FAILED, _S.CANCELLED, _S.PRUNED}),
+    _S.QUEUED: frozenset({_S.DISPATCHED, _S.RUNNING, _S.CANCELLED, _S.PRUNED}),
+    _S.DISPATCHED: frozenset({_S.RUNNING, _S.QUEUED, _S.CANCELLED, _S.PRUNED}),
+    _S.RUNNING: frozenset({_S.SUCCEEDED, _S.FAILED, _S.CANCELLED, _S.PRUNED, _S.QUEUED}),
     _S.SUCCEEDED: frozenset(),
     _S.FAILED: frozenset(),
     _S.CANCELLED: frozenset(),
+    _S.PRUNED: frozenset(),
 }
 
 
@@ -109,6 +112,7 @@ def claim(session: Session, *, job_id: uuid.UUID, attempt: int, worker_id: str, 
 class LeaseState:
     held: bool  # False: the job is no longer ours (reconciled away, or finished elsewhere)
     cancel_requested: bool
+    stop_reason: str | None = None  # with cancel_requested: "pruned" for a sweep's early stop, else a cancel
 
 
 class LeaseLost(Exception):  # noqa: N818 - a state the caller handles, like Preempted
@@ -137,12 +141,12 @@ def fence(session: Session, *, job_id: uuid.UUID, attempt: int, worker_id: str, 
         .where(Job.id == job_id, Job.attempt == attempt, Job.worker_id == worker_id,
                Job.status == JobStatus.RUNNING, Job.lease_expires_at > now)
         .values(**values)
-        .returning(Job.cancel_requested)
+        .returning(Job.cancel_requested, Job.stop_reason)
         .execution_options(synchronize_session=False)
     ).first()
     if res is None:
         raise LeaseLost(f"job {job_id} attempt {attempt} is no longer held by {worker_id}")
-    return LeaseState(held=True, cancel_requested=bool(res[0]))
+    return LeaseState(held=True, cancel_requested=bool(res[0]), stop_reason=res[1])
 
 
 class Outcome(enum.StrEnum):
@@ -155,6 +159,10 @@ class Outcome(enum.StrEnum):
     CONFIG_ERROR = "config_error"  # the job cannot run as specified: failed at once, never retried
     INFRA_ERROR = "infra_error"  # worker lost, killed, storage down: retried on the infrastructure budget
     OOM = "oom"  # the child was killed for memory: retried on its own small budget (retries.oom)
+    PRUNED = "pruned"  # stopped on its sweep's request (after checkpointing): ends pruned, never retried
+
+
+PRUNE = "pruned"  # ``Job.stop_reason`` of a sweep's early stop
 
 
 # Module-level names kept for callers that predate the enum (they compare equal to the strings).
@@ -208,8 +216,14 @@ def finish_attempt(session: Session, *, job_id: uuid.UUID, attempt: int, worker_
     if result:
         job.result = {**(job.result or {}), **result}
     if job.cancel_requested and outcome != Outcome.SUCCEEDED:
-        # A cancel wins over any retry: the user asked for this job to stop.
-        terminate(session, job, JobStatus.CANCELLED, "cancelled on request")
+        # A stop request wins over any retry: the user (or the job's sweep) asked for this job to stop.
+        if job.stop_reason == PRUNE:
+            terminate(session, job, JobStatus.PRUNED, reason if outcome == Outcome.PRUNED else
+                      f"pruned by its sweep ({reason or outcome})")
+        else:
+            terminate(session, job, JobStatus.CANCELLED, "cancelled on request")
+    elif outcome == Outcome.PRUNED:
+        terminate(session, job, JobStatus.PRUNED, reason or "pruned by its sweep")
     elif outcome == Outcome.SUCCEEDED:
         terminate(session, job, JobStatus.SUCCEEDED, reason)
     elif outcome == Outcome.CANCELLED:
@@ -251,7 +265,7 @@ def finish_attempt(session: Session, *, job_id: uuid.UUID, attempt: int, worker_
 
 
 def terminate(session: Session, job: Job, status: JobStatus, reason: str | None) -> None:
-    """End the job: succeeded, failed or cancelled (from any status the table allows)."""
+    """End the job: succeeded, failed, cancelled or pruned (from any status the table allows)."""
     if not status.terminal:
         raise IllegalTransition(f"terminate() takes a terminal status, not {status.value}")
     _transition(job, status)
@@ -284,3 +298,18 @@ def cancel(session: Session, job: Job) -> JobStatus:
         terminate(session, job, JobStatus.CANCELLED, "cancelled before it ran")
     return job.status
 
+
+
+def prune(session: Session, job: Job, *, reason: str) -> JobStatus:
+    """A sweep's early stop. A running job gets the cancel flag with ``stop_reason="pruned"``: its supervisor
+    stops the method cooperatively (SIGTERM -> checkpoint, as for a cancel) and the attempt ends pruned. A job
+    waiting for a (re)try ends pruned at once; a finished one is left as it is."""
+    if job.status.terminal:
+        return job.status
+    job.cancel_requested = True
+    job.stop_reason = PRUNE
+    if job.status == JobStatus.RUNNING:
+        add_event(session, job.id, job.attempt, "prune_requested", reason=reason)
+    else:
+        terminate(session, job, JobStatus.PRUNED, reason)
+    return job.status

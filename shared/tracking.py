@@ -16,7 +16,7 @@ from typing import Any
 from shared.config import Settings, get_settings
 
 MAX_PARAM_LEN = 6000
-TERMINAL_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED"}
+TERMINAL_STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "cancelled": "KILLED", "pruned": "KILLED"}
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, str]:

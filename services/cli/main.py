@@ -18,6 +18,7 @@ import typer
 from services.cli.client import ApiError, Client
 from services.cli.pipelines import pipeline_app
 from services.cli.probes import probe_app
+from services.cli.sweeps import sweep_app
 from services.cli.webhooks import webhooks_app
 
 app = typer.Typer(help="Crucible: submit and follow ML training jobs.", no_args_is_help=True,
@@ -32,6 +33,7 @@ app.add_typer(datasets_app, name="datasets")
 app.add_typer(admin_app, name="admin")
 app.add_typer(probe_app, name="probe")
 app.add_typer(pipeline_app, name="pipeline")
+app.add_typer(sweep_app, name="sweep")
 app.add_typer(webhooks_app, name="webhooks")
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -356,7 +358,8 @@ def _follow(job_id: str) -> dict[str, Any]:
             if data.get("epoch") is not None:
                 bar.set_description(f"epoch {data['epoch']}")
             bar.refresh()
-        elif ev["type"] in ("log", "state", "checkpoint", "retry", "resume", "result", "cancel_requested"):
+        elif ev["type"] in ("log", "state", "checkpoint", "retry", "resume", "result", "cancel_requested",
+                            "prune_requested"):
             (bar.write if bar is not None else typer.echo)(_render_event(ev))
     if bar is not None:
         bar.close()

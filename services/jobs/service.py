@@ -118,7 +118,7 @@ def _resolve_checkpoints(session: Session, project_id: uuid.UUID,
         job = session.get(Job, uuid.UUID(ident))
         if job is None or job.project_id != project_id:
             raise NotFound(f"job {ident} not found in this project", loc=loc)
-        if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        if job.status in (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PRUNED):
             raise Conflict(f"job {ident} ended {job.status.value}; it has no final checkpoint to use", loc=loc)
         art = latest_checkpoint(session, job.id) if job.status == JobStatus.SUCCEEDED else None
         if job.status == JobStatus.SUCCEEDED and art is None:
@@ -135,7 +135,7 @@ def _check_parents(session: Session, project_id: uuid.UUID, parent_ids: list[uui
         parent = session.get(Job, pid)
         if parent is None or parent.project_id != project_id:
             raise NotFound(f"job {pid} not found in this project", loc=["body", "depends_on", i])
-        if parent.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        if parent.status in (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PRUNED):
             raise Conflict(f"job {pid} already ended {parent.status.value}; a job depending on it could never run",
                            loc=["body", "depends_on", i])
         parents.append(parent)

@@ -136,6 +136,12 @@ def take_forgotten() -> list[str]:
         return out
 
 
+def forget_experiment(project_id: uuid.UUID, name: str) -> None:
+    """Drop a cached experiment id whose row is being rolled back (a dry-run submission that was refused)."""
+    with _cache_lock:
+        _experiments.pop((project_id, name), None)
+
+
 def experiment_id(*, session: Session, project_id: uuid.UUID, name: str) -> uuid.UUID:
     """The id of the project's experiment ``name`` (created if missing), cached: experiments are never
     renamed or deleted apart from their project."""

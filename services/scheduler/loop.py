@@ -13,6 +13,7 @@ from services.scheduler.dispatcher import dispatch_once
 from services.scheduler.reconciler import close_runs, reconcile_once
 from services.scheduler.wakeup import Wakeup
 from services.scheduler.webhooks import Courier
+from services.sweeps import controller as sweep_controller
 from shared.celery_app import get_celery
 from shared.config import Settings, get_settings
 from shared.db import check_schema, session_scope
@@ -44,6 +45,7 @@ def run_scheduler(stop: threading.Event | None = None) -> None:
                     tracker = Tracker(settings)
                 close_runs(tracker, r.runs_to_close)
             _sync_pipeline_runs(settings)
+            sweep_controller.run_once(settings)  # trials: ask optuna, submit, report, prune, tell (never raises)
             with session_scope() as session:
                 d = dispatch_once(session, celery, settings)
             if d.published:

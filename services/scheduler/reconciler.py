@@ -90,7 +90,7 @@ def reconcile_once(session: Session, settings: Settings) -> ReconcileStats:
 
 def _settle_dependencies(session: Session) -> tuple[int, int]:
     parent = aliased(Job)
-    blocked = parent.status.in_([JobStatus.FAILED, JobStatus.CANCELLED])
+    blocked = parent.status.in_([JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PRUNED])
     rows = session.execute(
         select(Job.id, func.count(parent.id), func.sum(case((parent.status == JobStatus.SUCCEEDED, 1), else_=0)),
                func.sum(case((blocked, 1), else_=0)))

@@ -9,8 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from shared.models.webhooks import WEBHOOK_EVENTS
 
-Event = Literal["job.succeeded", "job.failed", "job.cancelled",
-                "pipeline.succeeded", "pipeline.failed", "pipeline.cancelled"]
+Event = Literal["job.succeeded", "job.failed", "job.cancelled", "job.pruned",
+                "pipeline.succeeded", "pipeline.failed", "pipeline.cancelled",
+                "sweep.succeeded", "sweep.failed", "sweep.cancelled"]
 assert set(Event.__args__) == set(WEBHOOK_EVENTS)  # type: ignore[attr-defined]  # one list of events
 MAX_URL = 2048
 

@@ -7,10 +7,11 @@ from shared.models.jobs import ACTIVE, TERMINAL, Job, JobDependency, JobEvent, J
 from shared.models.pipelines import Pipeline, PipelineJob, PipelineStep
 from shared.models.projects import ApiKey, Experiment, Project
 from shared.models.storage import StorageGrant
+from shared.models.sweeps import OPTUNA_TABLES, Sweep, SweepTrial
 from shared.models.webhooks import Webhook, WebhookDelivery
 
 __all__ = [
     "ACTIVE", "TERMINAL", "ApiKey", "Artifact", "ArtifactParent", "Base", "Dataset", "Experiment", "Job",
     "JobDependency", "JobEvent", "JobStatus", "Outbox", "Pipeline", "PipelineJob", "PipelineStep", "Project",
-    "StorageGrant", "Webhook", "WebhookDelivery", "Worker", "utcnow",
+    "OPTUNA_TABLES", "StorageGrant", "Sweep", "SweepTrial", "Webhook", "WebhookDelivery", "Worker", "utcnow",
 ]

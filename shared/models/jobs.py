@@ -43,13 +43,14 @@ class JobStatus(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    PRUNED = "pruned"  # stopped early by its sweep's pruner (ASHA) after checkpointing
 
     @property
     def terminal(self) -> bool:
         return self in TERMINAL
 
 
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PRUNED})
 ACTIVE = frozenset({JobStatus.QUEUED, JobStatus.DISPATCHED, JobStatus.RUNNING})
 
 
@@ -89,6 +90,8 @@ class Job(UUIDPk, Timestamped, Base):
     max_infra_retries: Mapped[int] = mapped_column(Integer, default=3)
     max_user_retries: Mapped[int] = mapped_column(Integer, default=0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    # Why a stop was requested, when it is not a plain cancel: "pruned" (a sweep's pruner) ends as pruned.
+    stop_reason: Mapped[str | None] = mapped_column(String(16), default=None)
 
     # Columns: the current attempt's lease
     worker_id: Mapped[str | None] = mapped_column(String(200), default=None)

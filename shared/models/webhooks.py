@@ -16,8 +16,9 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.models.base import Base, JSONType, Timestamped, UUIDPk, utcnow
 
-WEBHOOK_EVENTS = ("job.succeeded", "job.failed", "job.cancelled",
-                  "pipeline.succeeded", "pipeline.failed", "pipeline.cancelled")
+WEBHOOK_EVENTS = ("job.succeeded", "job.failed", "job.cancelled", "job.pruned",
+                  "pipeline.succeeded", "pipeline.failed", "pipeline.cancelled",
+                  "sweep.succeeded", "sweep.failed", "sweep.cancelled")
 DELIVERY_STATUSES = ("pending", "delivered", "failed")
 
 

@@ -17,7 +17,7 @@ from services import localstack
 from tests.conftest import Procs, new_project_key, wait_for
 from tests.stack import wait_http
 
-TERMINAL = {"succeeded", "failed", "cancelled"}
+TERMINAL = {"succeeded", "failed", "cancelled", "pruned"}
 
 
 class Platform:

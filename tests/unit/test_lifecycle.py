@@ -49,7 +49,7 @@ def test_dispatch_goes_through_the_table() -> None:
     assert len(s.added) == 1  # nothing written by the refused transition
 
 
-@pytest.mark.parametrize("status", [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED])
+@pytest.mark.parametrize("status", [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PRUNED])
 def test_a_finished_job_cannot_be_requeued_dispatched_or_ended_again(status: JobStatus) -> None:
     s = _Recorder()
     for change in (lambda j: lifecycle.enqueue(s.session, j, reason="x"),
@@ -81,7 +81,7 @@ def test_terminate_takes_only_terminal_statuses() -> None:
 
 def test_outcomes_are_an_enum_that_still_reads_as_the_strings() -> None:
     assert {o.value for o in Outcome} == {"succeeded", "cancelled", "preempted", "user_error", "config_error",
-                                          "infra_error", "oom"}
+                                          "infra_error", "oom", "pruned"}
     assert lifecycle.CONFIG_ERROR is Outcome.CONFIG_ERROR and Outcome("infra_error") == "infra_error"
     with pytest.raises(ValueError, match="unknown outcome 'exploded'; one of: succeeded"):
         lifecycle.finish_attempt(_Recorder().session, job_id=uuid.uuid4(), attempt=1, worker_id=None,

@@ -299,8 +299,8 @@ def _watch(a: Attempt, keeper: LeaseKeeper, *, relay: EventRelay, worker_id: str
                 stop_reason = "lease_lost"
                 kill_group(proc, signal.SIGKILL)
             elif stop_reason is None:
-                if keeper.cancel_requested:
-                    stop_reason = "cancel"
+                if keeper.cancel_requested:  # a cancel, or the job's sweep pruning it (same cooperative stop)
+                    stop_reason = "pruned" if keeper.stop_reason == lifecycle.PRUNE else "cancel"
                 elif now - started > a.max_runtime_s:
                     stop_reason = "deadline"
                 elif SHUTDOWN.is_set():
@@ -345,6 +345,11 @@ def classify(rc: int, stop_reason: str | None, max_runtime_s: float, tail: list[
     last_error = next((ln for ln in reversed(tail) if ln.strip()), "")
     if stop_reason == "cancel":
         return lifecycle.CANCELLED, "cancelled on request"
+    if stop_reason == "pruned":
+        if rc == EXIT_OK:  # it finished before the stop took effect: a complete result
+            return lifecycle.SUCCEEDED, None
+        saved = "after checkpointing" if rc == EXIT_PREEMPTED else f"(the method exited with {rc} on SIGTERM)"
+        return lifecycle.Outcome.PRUNED, f"pruned by its sweep {saved}"
     if stop_reason == "deadline":
         return lifecycle.USER_ERROR, f"exceeded resources.max_runtime_s={max_runtime_s:.0f}"
     if rc == EXIT_OK:
