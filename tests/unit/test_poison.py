@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from shared.data import load_dataset
 from shared.data.imagefolder import load_image_folder
-from shared.specs.poison import MANIFEST_FILENAME, PoisonManifest, PoisonSpec, load_manifest, poisoned_mask
+from shared.specs.poison import MANIFEST_FILENAME, PoisonSpec, load_manifest, poisoned_mask
 from workers.poison_scanner.poison import load_trigger, poison_dataset
 from workers.poison_scanner.triggers import builtin_trigger, checkerboard, location, paste
 
