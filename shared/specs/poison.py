@@ -5,9 +5,14 @@ metric reads (PatchSearch's detection metrics, the attack evaluation): which tra
 trigger and where. It is never inferred from file names: poisoned files keep ordinary names.
 
 Paths in the manifest are relative to the dataset ROOT, exactly as the ImageFolder layout names them
-(``train/<class>/<file>.png``, ``patched_test/<class>/<file>.png``), so ``shared.data.archives.plan_layout``'s
-``Layout.train`` entries can be matched against ``poisoned`` directly; ``poisoned_mask`` does that for the
-row order ``load_image_folder`` returns.
+(``train/<class>/<file>.png``), so ``shared.data.layout.plan_layout``'s ``Layout.train`` entries can be matched
+against ``poisoned`` directly; ``poisoned_mask`` does that for the row order ``load_image_folder`` returns.
+
+Only ``train/``, ``test/`` and non-image ROOT files survive a dataset's round trip through storage, so the
+patched test set and the trigger are root sidecars in NumPy's ``.npy`` format (deterministic bytes):
+``patched_test.npy`` (uint8 ``N x S x S x 3``, row ``i`` = the clean ``test/`` image ``patched_test[i]`` with
+the trigger at ``patched_boxes[patched_test[i]]``) and ``trigger.npy`` (uint8 ``w x w x 3``);
+``load_patched_test`` reads them back.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ if TYPE_CHECKING:
     import numpy as np
 
 MANIFEST_FILENAME = "poison_manifest.json"
-PATCHED_TEST_DIR = "patched_test"  # at the poisoned dataset's root: non-target test images with the trigger
+PATCHED_TEST_FILE = "patched_test.npy"  # root sidecar: the non-target test images with the trigger
+TRIGGER_FILE = "trigger.npy"  # root sidecar: the trigger as pasted on training images
 
 
 class TriggerInfo(BaseModel):
@@ -63,9 +69,10 @@ class PoisonManifest(BaseModel):
     train_location: list[float] = Field(default_factory=lambda: [0.25, 0.75])
     val_location: list[float] = Field(default_factory=lambda: [0.10, 0.90])
     patched_test: list[str] = Field(
-        default_factory=list, description="root-relative paths (patched_test/<true class>/<file>) of the "
-                                          "non-target test images with the trigger pasted")
-    patched_boxes: dict[str, list[int]] = Field(default_factory=dict)
+        default_factory=list, description="root-relative paths (test/<true class>/<file>) of the clean non-target "
+                                          "test images whose patched copies are the rows of patched_test_file")
+    patched_boxes: dict[str, list[int]] = Field(default_factory=dict, description="test path -> [x, y, w, h]")
+    patched_test_file: str | None = Field(PATCHED_TEST_FILE, description="root sidecar with the patched images")
     num_train: int | None = None
 
     def poisoned_set(self) -> set[str]:
@@ -93,6 +100,25 @@ def load_manifest(root: str | Path | None) -> PoisonManifest | None:
     return PoisonManifest.load(path) if path.is_file() else None
 
 
+def load_patched_test(root: str | Path,
+                      manifest: PoisonManifest | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The patched test set: ``(images uint8 N x S x S x 3, labels int64 N (index in manifest.classes), boxes
+    int64 N x 4 [x, y, w, h])``. Raises ``FileNotFoundError`` when the dataset has none."""
+    import numpy as np
+
+    manifest = manifest or PoisonManifest.load(root)
+    if not manifest.patched_test_file:
+        raise FileNotFoundError("this poisoned dataset was made without a patched test set (patched_test: false)")
+    images = np.load(Path(root) / manifest.patched_test_file, allow_pickle=False)
+    if len(images) != len(manifest.patched_test):
+        raise ValueError(f"{manifest.patched_test_file} has {len(images)} rows, the manifest lists "
+                         f"{len(manifest.patched_test)}")
+    index = {c: i for i, c in enumerate(manifest.classes)}
+    labels = np.array([index[p.split("/")[1]] for p in manifest.patched_test], dtype=np.int64)
+    boxes = np.array([manifest.patched_boxes[p] for p in manifest.patched_test], dtype=np.int64).reshape(-1, 4)
+    return images, labels, boxes
+
+
 def save_manifest(manifest: PoisonManifest, root: str | Path) -> Path:
     return manifest.save(root)
 
@@ -105,8 +131,8 @@ def poisoned_mask(manifest: PoisonManifest, root: str | Path, *, limit_train: in
     """
     import numpy as np
 
-    from shared.data.archives import plan_layout
     from shared.data.imagefolder import SPLIT_SEED, holdout_split, list_files
+    from shared.data.layout import plan_layout
 
     layout = plan_layout(list_files(Path(root)))
     train = layout.train if layout.test else holdout_split(layout.train)[0]

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from shared.data import load_dataset
 from shared.data.imagefolder import load_image_folder
-from shared.specs.poison import MANIFEST_FILENAME, PoisonSpec, load_manifest, poisoned_mask
+from shared.specs.poison import MANIFEST_FILENAME, PoisonSpec, load_manifest, load_patched_test, poisoned_mask
 from workers.poison_scanner.poison import load_trigger, poison_dataset
 from workers.poison_scanner.triggers import builtin_trigger, checkerboard, location, paste
 
@@ -86,10 +86,17 @@ def test_poisoned_dataset_and_manifest(data: Any, tmp_path: Path) -> None:
         assert (pix[outside] == data.train_images[i][outside]).all()
     clean_rel = next(f"train/circle/{n}" for n in names if f"train/circle/{n}" not in m.poisoned_set())
     assert (np.asarray(Image.open(root / clean_rel)) == data.train_images[int(clean_rel[-10:-4])]).all()
-    # patched test: non-target images only, trigger inside val_location
-    assert m.patched_test and all(not p.startswith("patched_test/circle/") for p in m.patched_test)
+    # patched test: non-target images only, trigger inside val_location, the rest of each image its original
+    assert m.patched_test and all(not p.startswith("test/circle/") for p in m.patched_test)
     assert len(m.patched_test) == int((data.test_labels != target).sum())
     assert all(1 <= b[0] <= 9 and 1 <= b[1] <= 9 for b in m.patched_boxes.values())  # floor(.1*16)..floor(.9*16-5)
+    images, labels, boxes = load_patched_test(root, m)
+    assert images.shape == (len(m.patched_test), 16, 16, 3) and (labels != m.target_index).all()
+    for row, (rel, (x, y, w, h)) in enumerate(zip(m.patched_test, boxes, strict=True)):
+        assert (images[row, y:y + h, x:x + w] == trig).all()
+        clean = np.asarray(Image.open(root / rel))
+        assert (images[row][:y] == clean[:y]).all() and m.classes[labels[row]] == rel.split("/")[1]
+    assert (np.load(root / "trigger.npy") == trig).all()
     # the manifest round-trips; the image loader sees train/ + test/ only; the mask follows its row order
     assert load_manifest(root) == m and json.loads((root / MANIFEST_FILENAME).read_text())["version"] == 1
     loaded = load_image_folder(root, image_size=16)

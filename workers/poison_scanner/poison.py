@@ -5,11 +5,13 @@ Output layout (an ImageFolder tree, registered with ``ctx.save_dataset(..., outp
 
     train/<class>/<n>.png          every training image; the poisoned ones carry the trigger, ordinary names
     test/<class>/<n>.png           the clean test images, unchanged
-    patched_test/<class>/<n>.png   the NON-target test images with the trigger at a val_location position
-                                   (attack evaluation; the image loader ignores this folder)
-    triggers/trigger.png           the trigger as pasted (training size)
+    patched_test.npy               uint8 N x S x S x 3: the NON-target test images with the trigger at a
+                                   val_location position (attack evaluation), rows in manifest.patched_test order
+    trigger.npy                    the trigger as pasted (training size)
     poison_manifest.json           ``shared.specs.poison.PoisonManifest``: which train/ files are poisoned, their
-                                   boxes, the patched test files, trigger, seed - never inferred from names
+                                   boxes, the patched test images, trigger, seed - never inferred from names
+
+(Only train/, test/ and non-image root files survive storage, hence ``.npy`` sidecars, not image folders.)
 
 Algorithm (mode ``ssl``, the reference's targeted attack): shuffle the target class's training images with the
 seeded generator, poison the first ``floor(rate * N_target)`` (paste on a copy at a random ``train_location``
@@ -38,19 +40,17 @@ from PIL import Image
 from shared.data import DatasetError, ImageDataset
 from shared.specs.poison import (
     MANIFEST_FILENAME,
-    PATCHED_TEST_DIR,
+    PATCHED_TEST_FILE,
+    TRIGGER_FILE,
     PoisonManifest,
     PoisonSpec,
     TriggerInfo,
 )
-from workers.common.context import MethodContext
 from workers.poison_scanner.triggers import builtin_trigger, digest, image_trigger, location, paste
-from workers.runtime.context import JobConfigError
-
-TRIGGER_FILE = "triggers/trigger.png"
+from workers.runtime.context import JobConfigError, JobContext
 
 
-def run(ctx: MethodContext[PoisonSpec]) -> None:
+def run(ctx: JobContext[PoisonSpec]) -> None:
     """Platform entry point: poison ``ctx.inputs["dataset"]`` and register the result as a new dataset."""
     from workers.vision.data import load_job_dataset
 
@@ -146,7 +146,7 @@ def poison_dataset(spec: PoisonSpec, dataset: ImageDataset, out: Path, *, trigge
     for j, (img, y) in enumerate(zip(dataset.test_images, dataset.test_labels, strict=True)):
         _save(out / f"test/{classes[int(y)]}/{j:06d}.png", img)
     patched = _patched_test(spec, dataset, out, trigger, rng, target) if spec.patched_test else _Written([], {})
-    _save(out / TRIGGER_FILE, trigger)
+    np.save(out / TRIGGER_FILE, np.ascontiguousarray(trigger), allow_pickle=False)
 
     sorted_classes = sorted(set(classes))
     manifest = PoisonManifest(
@@ -156,7 +156,9 @@ def poison_dataset(spec: PoisonSpec, dataset: ImageDataset, out: Path, *, trigge
                             sha256=digest(trigger), file=TRIGGER_FILE),
         poisoned=poisoned, boxes=boxes, rate=spec.rate, seed=spec.seed, image_size=size,
         train_location=list(spec.train_location), val_location=list(spec.val_location),
-        patched_test=patched.paths, patched_boxes=patched.boxes, num_train=len(written_train), mode=spec.mode)
+        patched_test=patched.paths, patched_boxes=patched.boxes,
+        patched_test_file=PATCHED_TEST_FILE if spec.patched_test else None, num_train=len(written_train),
+        mode=spec.mode)
     manifest.save(out)
     assert (out / MANIFEST_FILENAME).is_file()
     return manifest
@@ -168,18 +170,20 @@ def _patched_test(spec: PoisonSpec, dataset: ImageDataset, out: Path, trigger: n
     size, w = dataset.image_size, trigger.shape[0]
     paths: list[str] = []
     boxes: dict[str, list[int]] = {}
+    rows: list[np.ndarray] = []
     for j, (img, y) in enumerate(zip(dataset.test_images, dataset.test_labels, strict=True)):
         if int(y) == target:
             continue
         x0 = location(rng, size, w, *spec.val_location)
         y0 = location(rng, size, w, *spec.val_location)
-        rel = f"{PATCHED_TEST_DIR}/{dataset.classes[int(y)]}/{j:06d}.png"
-        _save(out / rel, paste(img, trigger, x0, y0, spec.val_alpha))
+        rel = f"test/{dataset.classes[int(y)]}/{j:06d}.png"  # the clean original of this row
+        rows.append(paste(img, trigger, x0, y0, spec.val_alpha))
         paths.append(rel)
         boxes[rel] = [x0, y0, w, w]
     if not paths:
         raise JobConfigError("the dataset has no non-target test images to patch; use a dataset with a test split "
                              "or set patched_test: false")
+    np.save(out / PATCHED_TEST_FILE, np.stack(rows).astype(np.uint8), allow_pickle=False)
     return _Written(paths, boxes)
 
 
