@@ -142,6 +142,9 @@ JOB_KIND_DECLARATIONS: tuple[JobKind, ...] = (
             "k-NN and linear-probe evaluation of any checkpoint"),
     JobKind("distill", "shared.specs.distill:DistillSpec", "distiller", "workers.distiller.train:run",
             "knowledge distillation (SimReg, CompRess)"),
+    JobKind("poison", "shared.specs.poison:PoisonSpec", "poison-scanner", "workers.poison_scanner.poison:run",
+            "patch-trigger poisoning of a dataset (SSL-Backdoor; BadNets) -> a new dataset with a manifest",
+            outputs={"dataset": "dataset"}),
 )
 
 _worker_kinds: dict[str, WorkerKind] = {w.name: w for w in WORKER_KIND_DECLARATIONS}
