@@ -142,6 +142,9 @@ JOB_KIND_DECLARATIONS: tuple[JobKind, ...] = (
             "k-NN and linear-probe evaluation of any checkpoint"),
     JobKind("distill", "shared.specs.distill:DistillSpec", "distiller", "workers.distiller.train:run",
             "knowledge distillation (SimReg, CompRess)"),
+    JobKind("patchsearch", "shared.specs.patchsearch:PatchSearchSpec", "poison-scanner",
+            "workers.poison_scanner.patchsearch.job:run", "PatchSearch: score, find and remove patch-trigger poisons",
+            outputs={"filtered": "dataset", "report": "value"}),
 )
 
 _worker_kinds: dict[str, WorkerKind] = {w.name: w for w in WORKER_KIND_DECLARATIONS}
