@@ -93,8 +93,8 @@ class SampleMaker:
         return (x - self.mean) / self.std, label
 
 
-def train_one(bank: Tensor, images: Tensor, pool: np.ndarray, val_x: Tensor, val_y: Tensor, opts: PoisonClassifierOptions, *,
-              mean: Tensor, std: Tensor, seed: int, device: torch.device,
+def train_one(bank: Tensor, images: Tensor, pool: np.ndarray, val_x: Tensor, val_y: Tensor,
+              opts: PoisonClassifierOptions, *, mean: Tensor, std: Tensor, seed: int, device: torch.device,
               on_step: Callable[[int], None] | None = None) -> tuple[PoisonClassifier, int, float]:
     """One classifier; returns it (eval mode), the iterations it ran and its last validation F1."""
     side = images.shape[-1]
@@ -170,8 +170,8 @@ def poison_classifier(images: Tensor, order: np.ndarray, windows: dict[int, Tens
         def step(it: int, m: int = m) -> None:
             if on_step is not None:
                 on_step(m * opts.max_iterations + it, total)
-        model, iters, f1 = train_one(bank, images, pool_idx, as_pixels(images[val_idx]), val_y, opts, mean=mean, std=std,
-                                     seed=seed * 1009 + m, device=device, on_step=step)
+        model, iters, f1 = train_one(bank, images, pool_idx, as_pixels(images[val_idx]), val_y, opts, mean=mean,
+                                     std=std, seed=seed * 1009 + m, device=device, on_step=step)
         models.append(model)
         report.iterations.append(iters)
         report.val_f1.append(f1)

@@ -4,7 +4,6 @@ unlike the reference's ``'HTBA_trigger' in path``)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,11 +13,12 @@ import torch
 from torch import Tensor
 
 from shared.data import DatasetError, ImageDataset, load_dataset
+from shared.specs.poison import MANIFEST_FILENAME, PoisonManifest
 from workers.runtime.context import JobConfigError
 from workers.vision.backbones import Backbone
 from workers.vision.checkpoints import CheckpointError, load_encoder
 
-MANIFEST_FILE = "poison_manifest.json"
+MANIFEST_FILE = MANIFEST_FILENAME
 
 
 @dataclass
@@ -115,7 +115,7 @@ def under_train(path: str) -> str:
 @dataclass
 class GroundTruth:
     poisoned: np.ndarray  # bool per training row
-    manifest: dict[str, Any]
+    manifest: PoisonManifest
     unmatched: int  # manifest entries naming no training row (e.g. removed earlier)
 
 
@@ -127,13 +127,11 @@ def read_manifest(training: TrainingSet) -> tuple[GroundTruth | None, str]:
     if not path.is_file():
         return None, f"the dataset has no {MANIFEST_FILE} at its root (ground truth is never guessed from names)"
     try:
-        manifest = json.loads(path.read_text())
-        listed = manifest["poisoned"]
-        if not isinstance(listed, list) or not all(isinstance(p, str) for p in listed):
-            raise TypeError("'poisoned' must be a list of paths")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise JobConfigError(f"{MANIFEST_FILE} is not a poison manifest ({exc}); expected "
-                             '{"version": 1, "poisoned": ["<class>/<file>", ...], ...}') from exc
+        manifest = PoisonManifest.load(path)
+    except (ValueError, OSError) as exc:  # pydantic's ValidationError is a ValueError
+        raise JobConfigError(f"{MANIFEST_FILE} at the dataset root is not a poison manifest (format version 1 "
+                             f"of shared.specs.poison.PoisonManifest): {exc}") from exc
+    listed = manifest.poisoned
     wanted = {under_train(p) for p in listed}
     rows = [under_train(p) for p in training.paths]
     mask = np.fromiter((r in wanted for r in rows), dtype=bool, count=len(rows))

@@ -166,7 +166,9 @@ def patchsearch(spec: PatchSearchSpec, training: TrainingSet, model: Model, *,
                       "images": n, "images_removed": int(removed.sum()), "window": window,
                       "clusters": clusters.k, "test_images": len(clusters.test_set),
                       "classifier": {"iterations": creport.iterations, "val_f1": creport.val_f1}}
-    ctx.save_output("report", outcome.report)
+    save_output = getattr(ctx, "save_output", None)  # JobContext and LocalContext have it
+    if save_output is not None:
+        save_output("report", outcome.report)
     ctx.set_result(outcome.result)
     return outcome
 

@@ -18,15 +18,14 @@ TOPK = (5, 10, 20, 50, 100, 200, 500)
 
 
 def auroc(scores: np.ndarray, truth: np.ndarray) -> float:
-    """Mann-Whitney AUC (ties count half); NaN when one class is absent."""
+    """ROC AUC (scikit-learn; ties count half); NaN when one class is absent."""
     truth = np.asarray(truth, dtype=bool)
     pos, neg = int(truth.sum()), int((~truth).sum())
     if pos == 0 or neg == 0:
         return float("nan")
-    from scipy.stats import rankdata
+    from sklearn.metrics import roc_auc_score
 
-    ranks = rankdata(np.asarray(scores, dtype=np.float64))
-    return float((ranks[truth].sum() - pos * (pos + 1) / 2) / (pos * neg))
+    return float(roc_auc_score(truth, np.asarray(scores, dtype=np.float64)))
 
 
 def detection_metrics(order: np.ndarray, scores: np.ndarray, scored: np.ndarray, removed: np.ndarray,

@@ -28,7 +28,8 @@ def patch_grid(windows: list[torch.Tensor], path: Path, *, poisoned: list[bool] 
         tile = Image.fromarray(arr).resize((cell, cell), Image.Resampling.NEAREST)
         x, y = (i % columns) * (cell + 2 * pad), (i // columns) * (cell + 2 * pad)
         if poisoned is not None:
-            frame = Image.new("RGB", (cell + 2 * pad, cell + 2 * pad), (220, 30, 30) if poisoned[i] else (160, 160, 160))
+            colour = (220, 30, 30) if poisoned[i] else (160, 160, 160)
+            frame = Image.new("RGB", (cell + 2 * pad, cell + 2 * pad), colour)
             grid.paste(frame, (x, y))
         grid.paste(tile, (x + pad, y + pad))
     grid.save(path)
@@ -50,7 +51,8 @@ def write_scores(path: Path, training: TrainingSet, scores: np.ndarray, scored: 
     return path
 
 
-def write_filtered(out: Path, training: TrainingSet, removed: np.ndarray, *, provenance: dict[str, Any]) -> dict[str, int]:
+def write_filtered(out: Path, training: TrainingSet, removed: np.ndarray, *,
+                   provenance: dict[str, Any]) -> dict[str, int]:
     """The dataset without the removed training images, as an ImageFolder tree at ``out``.
 
     Files are copied byte for byte (never re-encoded); the test split and every file outside ``train/``
