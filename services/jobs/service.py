@@ -114,6 +114,7 @@ def _resolve_checkpoints(session: Session, project_id: uuid.UUID,
             if art.kind != "checkpoint":
                 raise Invalid(f"artifact {ident} is a {art.kind}, not a checkpoint", loc=loc)
             resolved[name] = {"ref": ref, "artifact_id": str(art.id), "job_id": str(art.job_id) if art.job_id else None}
+            _check_producer(spec, name, session.get(Job, art.job_id) if art.job_id else None, loc)
             continue
         job = session.get(Job, uuid.UUID(ident))
         if job is None or job.project_id != project_id:
@@ -123,10 +124,21 @@ def _resolve_checkpoints(session: Session, project_id: uuid.UUID,
         art = latest_checkpoint(session, job.id) if job.status == JobStatus.SUCCEEDED else None
         if job.status == JobStatus.SUCCEEDED and art is None:
             raise Conflict(f"job {ident} succeeded without writing a checkpoint", loc=loc)
+        _check_producer(spec, name, job, loc)
         if art is None:
             waits.append(job)
         resolved[name] = {"ref": ref, "job_id": str(job.id), "artifact_id": str(art.id) if art else None}
     return resolved, waits
+
+
+def _check_producer(spec: JobSpecBase, name: str, producer: Job | None, loc: list[str | int]) -> None:
+    """A spec that can tell from the producing job that a checkpoint will not fit (e.g. PatchSearch given an
+    eval job's probe) says so now, as a 422, instead of failing on the worker."""
+    check = getattr(spec, "checkpoint_problems", None)
+    if check is None or producer is None:
+        return
+    for field, msg in check(name, producer_kind=producer.kind, producer_spec=producer.spec):
+        raise Invalid(msg, loc=loc if field == name else ["body", *field.split(".")])
 
 
 def _check_parents(session: Session, project_id: uuid.UUID, parent_ids: list[uuid.UUID]) -> list[Job]:
