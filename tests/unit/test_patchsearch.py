@@ -178,7 +178,8 @@ def test_detection_metrics_against_a_literal_count():
 
 
 def test_early_stop_needs_patience_identical_checks():
-    assert not early_stop([50] * 10, 10) and early_stop([40] + [50] * 10, 10) and not early_stop([50] * 9 + [51, 50], 10)
+    assert not early_stop([50] * 10, 10) and early_stop([40] + [50] * 10, 10)
+    assert not early_stop([50] * 9 + [51, 50], 10)
     assert f1_of(torch.tensor([1, 1, 0, 0]), torch.tensor([1, 0, 1, 0])) == pytest.approx(0.5)
 
 
@@ -288,14 +289,16 @@ def test_a_probe_checkpoint_is_refused_with_the_fix(tmp_path):
 
     _image_folder(tmp_path / "ds", poison=False)
     torch.save({"probe": {}, "meta": {}}, tmp_path / "probe.pt")
+    ckpt = {"checkpoint": {"path": str(tmp_path / "probe.pt")}}
     ctx = LocalContext(parse_spec(TINY_JOB), inputs={"dataset": {"uri": "ds", "path": str(tmp_path / "ds")},
-                                                     "checkpoints": {"checkpoint": {"path": str(tmp_path / "probe.pt")}}})
+                                                     "checkpoints": ckpt})
     with pytest.raises(CheckpointError, match="probe"):
         run(ctx)
     state = torch.load(_checkpoint(tmp_path / "m.pt"), weights_only=False)
     state["meta"]["backbone"] = "resnet18"  # resnet10 weights under a resnet18 label: the wrong architecture
     torch.save(state, tmp_path / "wrong.pt")
+    ckpt = {"checkpoint": {"path": str(tmp_path / "wrong.pt")}}
     ctx = LocalContext(parse_spec(TINY_JOB), inputs={"dataset": {"uri": "ds", "path": str(tmp_path / "ds")},
-                                                     "checkpoints": {"checkpoint": {"path": str(tmp_path / "wrong.pt")}}})
+                                                     "checkpoints": ckpt})
     with pytest.raises(CheckpointError, match="missing from the checkpoint"):
         run(ctx)
