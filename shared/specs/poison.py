@@ -5,24 +5,54 @@ metric reads (PatchSearch's detection metrics, the attack evaluation): which tra
 trigger and where. It is never inferred from file names: poisoned files keep ordinary names.
 
 Paths in the manifest are relative to the dataset ROOT, exactly as the ImageFolder layout names them
+<<<<<<< HEAD
 (``train/<class>/<file>.png``, ``patched_test/<class>/<file>.png``), so ``shared.data.archives.plan_layout``'s
 ``Layout.train`` entries can be matched against ``poisoned`` directly; ``poisoned_mask`` does that for the
 row order ``load_image_folder`` returns.
+=======
+(``train/<class>/<file>.png``), so ``shared.data.layout.plan_layout``'s ``Layout.train`` entries can be matched
+against ``poisoned`` directly; ``poisoned_mask`` does that for the row order ``load_image_folder`` returns.
+
+Only ``train/``, ``test/`` and non-image ROOT files survive a dataset's round trip through storage, so the
+patched test set and the trigger are root sidecars in NumPy's ``.npy`` format (deterministic bytes):
+``patched_test.npy`` (uint8 ``N x S x S x 3``, row ``i`` = the clean ``test/`` image ``patched_test[i]`` with
+the trigger at ``patched_boxes[patched_test[i]]``) and ``trigger.npy`` (uint8 ``w x w x 3``);
+``load_patched_test`` reads them back.
+>>>>>>> poison
 """
 
 from __future__ import annotations
 
+<<<<<<< HEAD
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+=======
+import base64
+import binascii
+import io
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from shared.specs.common import MAX_SEED, JobSpecBase, StrictModel, validate_dataset_ref
+>>>>>>> poison
 
 if TYPE_CHECKING:
     import numpy as np
 
 MANIFEST_FILENAME = "poison_manifest.json"
+<<<<<<< HEAD
 PATCHED_TEST_DIR = "patched_test"  # at the poisoned dataset's root: non-target test images with the trigger
+=======
+PATCHED_TEST_FILE = "patched_test.npy"  # root sidecar: the non-target test images with the trigger
+TRIGGER_FILE = "trigger.npy"  # root sidecar: the trigger as pasted on training images
+>>>>>>> poison
 
 
 class TriggerInfo(BaseModel):
@@ -57,9 +87,16 @@ class PoisonManifest(BaseModel):
     train_location: list[float] = Field(default_factory=lambda: [0.25, 0.75])
     val_location: list[float] = Field(default_factory=lambda: [0.10, 0.90])
     patched_test: list[str] = Field(
+<<<<<<< HEAD
         default_factory=list, description="root-relative paths (patched_test/<true class>/<file>) of the "
                                           "non-target test images with the trigger pasted")
     patched_boxes: dict[str, list[int]] = Field(default_factory=dict)
+=======
+        default_factory=list, description="root-relative paths (test/<true class>/<file>) of the clean non-target "
+                                          "test images whose patched copies are the rows of patched_test_file")
+    patched_boxes: dict[str, list[int]] = Field(default_factory=dict, description="test path -> [x, y, w, h]")
+    patched_test_file: str | None = Field(PATCHED_TEST_FILE, description="root sidecar with the patched images")
+>>>>>>> poison
     num_train: int | None = None
 
     def poisoned_set(self) -> set[str]:
@@ -87,6 +124,28 @@ def load_manifest(root: str | Path | None) -> PoisonManifest | None:
     return PoisonManifest.load(path) if path.is_file() else None
 
 
+<<<<<<< HEAD
+=======
+def load_patched_test(root: str | Path,
+                      manifest: PoisonManifest | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The patched test set: ``(images uint8 N x S x S x 3, labels int64 N (index in manifest.classes), boxes
+    int64 N x 4 [x, y, w, h])``. Raises ``FileNotFoundError`` when the dataset has none."""
+    import numpy as np
+
+    manifest = manifest or PoisonManifest.load(root)
+    if not manifest.patched_test_file:
+        raise FileNotFoundError("this poisoned dataset was made without a patched test set (patched_test: false)")
+    images = np.load(Path(root) / manifest.patched_test_file, allow_pickle=False)
+    if len(images) != len(manifest.patched_test):
+        raise ValueError(f"{manifest.patched_test_file} has {len(images)} rows, the manifest lists "
+                         f"{len(manifest.patched_test)}")
+    index = {c: i for i, c in enumerate(manifest.classes)}
+    labels = np.array([index[p.split("/")[1]] for p in manifest.patched_test], dtype=np.int64)
+    boxes = np.array([manifest.patched_boxes[p] for p in manifest.patched_test], dtype=np.int64).reshape(-1, 4)
+    return images, labels, boxes
+
+
+>>>>>>> poison
 def save_manifest(manifest: PoisonManifest, root: str | Path) -> Path:
     return manifest.save(root)
 
@@ -99,8 +158,13 @@ def poisoned_mask(manifest: PoisonManifest, root: str | Path, *, limit_train: in
     """
     import numpy as np
 
+<<<<<<< HEAD
     from shared.data.archives import plan_layout
     from shared.data.imagefolder import SPLIT_SEED, holdout_split, list_files
+=======
+    from shared.data.imagefolder import SPLIT_SEED, holdout_split, list_files
+    from shared.data.layout import plan_layout
+>>>>>>> poison
 
     layout = plan_layout(list_files(Path(root)))
     train = layout.train if layout.test else holdout_split(layout.train)[0]
@@ -110,6 +174,174 @@ def poisoned_mask(manifest: PoisonManifest, root: str | Path, *, limit_train: in
     return np.array([p in poisoned for p in paths], dtype=bool)
 
 
+<<<<<<< HEAD
+=======
+# --- the job spec --------------------------------------------------------------------------------------------
+BuiltinTrigger = Literal["checkerboard", "random-colors", "smooth-colors"]
+MAX_TRIGGER_PNG_BYTES = 256 * 1024
+
+
+class TriggerSpec(StrictModel):
+    """The trigger: ONE of a built-in pattern, an inline PNG (base64), or a PNG file inside the input dataset.
+
+    Built-ins (``workers/poison_scanner/triggers.py``): ``checkerboard`` (black/white 2x2-pixel cells),
+    ``random-colors`` (a 4x4 grid of random colours, nearest-upsampled: the toy trigger of §1.8) and
+    ``smooth-colors`` (the same grid bilinear-upsampled: like the reference's HTBA trigger PNGs); the random
+    ones are drawn from ``pattern_seed``. A custom trigger is resized to ``size x size`` (bilinear).
+    """
+
+    builtin: BuiltinTrigger | None = Field("checkerboard", description="a pattern generated by the project")
+    png_base64: str | None = Field(None, max_length=MAX_TRIGGER_PNG_BYTES * 4 // 3 + 8,
+                                   description="an uploaded trigger image: PNG/JPEG bytes, base64 (<= 256 KiB)")
+    file: str | None = Field(None, max_length=300, description="a trigger image inside the INPUT dataset, e.g. "
+                                                               "'triggers/t10.png' (a folder beside train/ and "
+                                                               "test/, which the image loader ignores)")
+    pattern_seed: int = Field(0, ge=0, le=MAX_SEED, description="seed of the random built-in patterns")
+    size: int | None = Field(None, ge=1, le=512, description="side in px; default round(image_size * 50/224), "
+                                                            "the reference's 50 px trigger on 224 px crops")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source(cls, data: Any) -> Any:
+        if isinstance(data, dict) and (data.get("png_base64") or data.get("file")) and "builtin" not in data:
+            data = {**data, "builtin": None}
+        return data
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TriggerSpec:
+        given = [n for n in ("builtin", "png_base64", "file") if getattr(self, n)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of builtin, png_base64 or file (got {', '.join(given) or 'none'})")
+        return self
+
+    @field_validator("png_base64")
+    @classmethod
+    def _decodes(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            raw = base64.b64decode(v, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("is not valid base64; encode the PNG file, e.g. base64 -w0 trigger.png") from None
+        if len(raw) > MAX_TRIGGER_PNG_BYTES:
+            raise ValueError(f"decodes to {len(raw)} bytes; at most {MAX_TRIGGER_PNG_BYTES}")
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(raw)) as img:
+                img.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError):
+            raise ValueError("does not decode as an image (PNG or JPEG)") from None
+        return v
+
+    @field_validator("file")
+    @classmethod
+    def _relative(cls, v: str | None) -> str | None:
+        if v is not None and (v.startswith("/") or ".." in v.split("/") or v.split("/")[0] in ("train", "test")):
+            raise ValueError("must be a relative path inside the input dataset, outside train/ and test/ "
+                             "(e.g. triggers/t10.png)")
+        return v
+
+    def source(self) -> str:
+        return f"builtin:{self.builtin}" if self.builtin else f"file:{self.file}" if self.file else "inline-png"
+
+
+def _known_classes(dataset: str) -> list[str] | None:
+    """Class names of a builtin dataset (known without loading it); None for uploaded ones."""
+    if dataset == "builtin://shapes":
+        from shared.data.shapes import CLASS_NAMES
+
+        return list(CLASS_NAMES)
+    if dataset in ("builtin://mnist", "builtin://digits"):
+        return [str(i) for i in range(10)]
+    return None
+
+
+class PoisonSpec(JobSpecBase):
+    """Paste a patch trigger on training images (SSL-Backdoor, security-clip-experts.md §1.1) -> a new dataset.
+
+    * ``mode: ssl`` (the reference): poison ``rate`` of the TARGET class's training images in place (labels
+      unchanged - SSL never reads them); the attack makes any triggered image embed near the target class.
+    * ``mode: badnets`` (§3.4 "Attack A"): paste on ``rate`` of the NON-target training images and file them
+      under the target class (label flipping), for supervised heads / the ViT backdoor study.
+
+    ``alpha`` keeps the reference's inverted meaning: pixel = alpha * image + (1 - alpha) * trigger, so 0 is an
+    opaque trigger. Top-left corners are uniform in ``[floor(lo*S), floor(hi*S - w)]`` (the lower bound when the
+    range is empty), ``train_location`` for training and ``val_location`` for the patched test set. Every
+    image is written at ``image_size`` (train and test alike: unlike the reference, which pastes on raw training
+    images and on 224-px val crops, the trigger has the same pixel size on both here).
+    """
+
+    critical_keys: ClassVar[tuple[str, ...]] = ("dataset", "target_class", "rate", "trigger", "seed", "image_size")
+
+    kind: Literal["poison"] = "poison"
+    dataset: str = Field("builtin://shapes", description="the clean dataset: builtin://..., a dataset id or name")
+    output_name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+                                    description="name of the poisoned dataset (default <target>-poisoned)")
+    image_size: int = Field(32, ge=8, le=512, description="side of the square images written")
+    limit_train: int | None = Field(None, ge=1, le=10**9)
+    limit_test: int | None = Field(None, ge=1, le=10**9)
+    mode: Literal["ssl", "badnets"] = "ssl"
+    target_class: str = Field(description="class name (folder name) the attack targets")
+    rate: float = Field(0.5, description="ssl: share of the target class poisoned (paper 0.5, released cfgs 1.0); "
+                                         "badnets: share of the non-target images pasted and relabelled")
+    trigger: TriggerSpec = Field(default_factory=TriggerSpec)
+    alpha: float = Field(0.0, ge=0, le=1, description="training images: image weight inside the patch (0 = opaque)")
+    val_alpha: float = Field(0.0, ge=0, le=1, description="patched test images: the same")
+    train_location: tuple[float, float] = (0.25, 0.75)
+    val_location: tuple[float, float] = (0.10, 0.90)
+    patched_test: bool = Field(True, description="also write patched_test/<class>/ (non-target test images with "
+                                                 "the trigger) for the attack evaluation")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        return validate_dataset_ref(v)
+
+    @field_validator("rate")
+    @classmethod
+    def _rate(cls, v: float) -> float:
+        if not 0.0 < v <= 1.0:
+            raise ValueError(f"{v} is outside (0, 1]: the share of images to poison")
+        return v
+
+    @field_validator("train_location", "val_location")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0.0 <= v[0] <= v[1] <= 1.0:
+            raise ValueError(f"{list(v)} must be [min, max] fractions of the side with 0 <= min <= max <= 1")
+        return v
+
+    @property
+    def trigger_size(self) -> int:
+        return self.trigger.size or max(1, round(self.image_size * 50 / 224))
+
+    @model_validator(mode="after")
+    def _fits(self) -> PoisonSpec:
+        s, w = self.image_size, self.trigger_size
+        if w > s:
+            raise ValueError(f"trigger.size={w} is larger than image_size={s}; use a trigger of at most {s} px")
+        for name in ("train_location", "val_location"):
+            lo = math.floor(getattr(self, name)[0] * s)
+            if lo + w > s:
+                raise ValueError(f"{name}={list(getattr(self, name))}: a {w}-px trigger at x >= {lo} leaves the "
+                                 f"{s}-px image; lower the minimum to at most {(s - w) / s:.2f} or shrink the trigger")
+        known = _known_classes(self.dataset)
+        if known is not None and self.target_class not in known:
+            raise ValueError(f"target_class {self.target_class!r} is not a class of {self.dataset}; "
+                             f"one of: {', '.join(known)}")
+        return self
+
+    def dataset_class_problems(self, classes: list[str]) -> list[tuple[str, str]]:
+        """(field, message) when the uploaded dataset's classes (known at submit) lack the target class."""
+        if classes and self.target_class not in classes:
+            return [("target_class", f"{self.target_class!r} is not a class of the dataset; one of: "
+                                     f"{', '.join(classes[:50])}")]
+        return []
+
+
+>>>>>>> poison
 def _example_manifest() -> dict[str, Any]:  # documentation aid; also used by tests
     return PoisonManifest(source_dataset="builtin://shapes", target_class="disk", target_index=0,
                           trigger=TriggerInfo(source="builtin:checkerboard", size=5, alpha=0.0),

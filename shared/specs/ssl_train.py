@@ -10,6 +10,9 @@ Methods (``../shared/methods/ssl.md`` in the brief; code in ``workers/ssl_traine
   pseudo-labels, or another model's embedding space (cross-modal).
 * ``isd``  - Iterative Similarity Distillation (ICCV 2021): the student matches the EMA teacher's soft
   similarity distribution over the bank (bank written after the similarities). Recipes ``r18`` and ``plus``.
+* ``moco`` - MoCo v2: InfoNCE of the query against its momentum key and a queue of past keys (the bank,
+  ``bank_size`` = K); ``temperature`` 0.2; optional i-CutMix of the query views (``icutmix``, PatchSearch).
+* ``simclr`` - SimCLR: NT-Xent with in-batch negatives (``temperature``); no bank.
 """
 
 from __future__ import annotations
@@ -84,10 +87,12 @@ class SslTrainSpec(VisionTrainingSpec):
     critical_keys: ClassVar[tuple[str, ...]] = (
         "method", "dataset", "limit_train", "image_size", "backbone", "stem", "batch_size", "bank_size", "topk",
         "augmentation", "augment", "proj_hidden_dim", "proj_dim", "seed", "cmsf", "isd",
+        "temperature", "icutmix", "icutmix_alpha",
     )
 
     kind: Literal["ssl-train"] = "ssl-train"
-    method: Literal["msf", "byol", "cmsf", "isd"] = Field("msf", description="byol = msf with topk=1")
+    method: Literal["msf", "byol", "cmsf", "isd", "moco", "simclr"] = Field(
+        "msf", description="byol = msf with topk=1; moco = MoCo v2 (queue = bank); simclr = in-batch negatives")
     augmentation: Augmentation = Field(
         "weak/strong", description="target/online views: 'weak/strong' gives the weak view to the EMA target")
     augment: AugmentOptions = Field(
@@ -110,6 +115,9 @@ class SslTrainSpec(VisionTrainingSpec):
     ema_momentum: float = Field(0.99, ge=0.0, le=1.0)
     cmsf: CmsfOptions | None = Field(None, description="CMSF options (method 'cmsf'; defaults when omitted)")
     isd: IsdOptions | None = Field(None, description="ISD options (method 'isd'; defaults when omitted)")
+    temperature: float = Field(0.2, gt=0, le=10, description="InfoNCE / NT-Xent temperature (moco, simclr)")
+    icutmix: bool = Field(False, description="i-CutMix of the query views (PatchSearch; method 'moco' only)")
+    icutmix_alpha: float = Field(1.0, gt=0, le=100, description="lam ~ Beta(alpha, alpha), folded to >= 0.5")
 
     @classmethod
     def recipe_defaults(cls, data: dict[str, Any]) -> dict[str, Any]:
@@ -153,6 +161,8 @@ class SslTrainSpec(VisionTrainingSpec):
     @classmethod
     def _bank_divides(cls, v: int, info: ValidationInfo) -> int:
         batch = info.data.get("batch_size")
+        if info.data.get("method") == "simclr":
+            return v  # no bank
         if batch and v % batch:
             suggestion = max(1, round(v / batch)) * batch
             raise ValueError(f"{v} is not a multiple of batch_size={batch} (the bank is written a batch at a "
@@ -188,6 +198,12 @@ class SslTrainSpec(VisionTrainingSpec):
             raise ValueError("cmsf options given but method is not 'cmsf'")
         if self.isd is not None and self.method != "isd":
             raise ValueError("isd options given but method is not 'isd'")
+        if self.icutmix and self.method != "moco":
+            raise ValueError(f"icutmix is implemented for method 'moco' (PatchSearch retrains MoCo), not "
+                             f"{self.method!r}; set method: moco or drop icutmix")
+        if self.method == "simclr" and self.resources.gpus > 1:
+            raise ValueError("method 'simclr' draws its negatives from one process's batch; use resources.gpus <= 1 "
+                             "or method 'moco'")
         if self.cmsf is not None and self.cmsf.topk_constraint < (self.topk or 1) and \
                 self.cmsf.constraint in ("2q", "cross-modal"):
             raise ValueError(f"cmsf.topk_constraint={self.cmsf.topk_constraint} must be >= topk={self.topk}: the "
@@ -208,7 +224,7 @@ class SslTrainSpec(VisionTrainingSpec):
     def dataset_problems(self, train_images: int) -> list[tuple[str, str]]:
         problems = super().dataset_problems(train_images)
         n = min(train_images, self.limit_train or train_images)
-        if self.bank_size > n:
+        if self.bank_size > n and self.method != "simclr":
             problems.append(("bank_size", f"{self.bank_size} exceeds the {n} training images: the bank would hold "
                                           "stale copies of the same images; use at most "
                                           f"{n // self.batch_size * self.batch_size}"))

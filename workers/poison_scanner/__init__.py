@@ -1,1 +1,1 @@
-"""The poison-scanner worker kind: finds (and, for research, makes) poisoned training images."""
+"""poison-scanner worker kind: backdoor poisoning of datasets and the defenses that find poisoned images."""

@@ -11,13 +11,17 @@ from typing import Any
 from workers.ssl_trainer.base import BankMethod, MethodSetup
 from workers.ssl_trainer.cmsf import CMSF
 from workers.ssl_trainer.isd import ISD
+from workers.ssl_trainer.moco import MoCo
 from workers.ssl_trainer.msf import MSF
+from workers.ssl_trainer.simclr import SimCLR
 
 METHODS: dict[str, type[BankMethod]] = {
     "msf": MSF,
     "byol": MSF,  # MSF with topk = 1 (the spec enforces it): the only neighbour is the target itself
     "cmsf": CMSF,
     "isd": ISD,
+    "moco": MoCo,  # v2: queue of past keys = the bank
+    "simclr": SimCLR,
 }
 
 
