@@ -142,15 +142,12 @@ JOB_KIND_DECLARATIONS: tuple[JobKind, ...] = (
             "k-NN and linear-probe evaluation of any checkpoint"),
     JobKind("distill", "shared.specs.distill:DistillSpec", "distiller", "workers.distiller.train:run",
             "knowledge distillation (SimReg, CompRess)"),
-<<<<<<< HEAD
     JobKind("patchsearch", "shared.specs.patchsearch:PatchSearchSpec", "poison-scanner",
             "workers.poison_scanner.patchsearch.job:run", "PatchSearch: score, find and remove patch-trigger poisons",
             outputs={"filtered": "dataset", "report": "value"}),
-=======
     JobKind("poison", "shared.specs.poison:PoisonSpec", "poison-scanner", "workers.poison_scanner.poison:run",
             "patch-trigger poisoning of a dataset (SSL-Backdoor; BadNets) -> a new dataset with a manifest",
             outputs={"dataset": "dataset"}),
->>>>>>> poison
 )
 
 _worker_kinds: dict[str, WorkerKind] = {w.name: w for w in WORKER_KIND_DECLARATIONS}

@@ -5,11 +5,6 @@ metric reads (PatchSearch's detection metrics, the attack evaluation): which tra
 trigger and where. It is never inferred from file names: poisoned files keep ordinary names.
 
 Paths in the manifest are relative to the dataset ROOT, exactly as the ImageFolder layout names them
-<<<<<<< HEAD
-(``train/<class>/<file>.png``, ``patched_test/<class>/<file>.png``), so ``shared.data.archives.plan_layout``'s
-``Layout.train`` entries can be matched against ``poisoned`` directly; ``poisoned_mask`` does that for the
-row order ``load_image_folder`` returns.
-=======
 (``train/<class>/<file>.png``), so ``shared.data.layout.plan_layout``'s ``Layout.train`` entries can be matched
 against ``poisoned`` directly; ``poisoned_mask`` does that for the row order ``load_image_folder`` returns.
 
@@ -18,18 +13,10 @@ patched test set and the trigger are root sidecars in NumPy's ``.npy`` format (d
 ``patched_test.npy`` (uint8 ``N x S x S x 3``, row ``i`` = the clean ``test/`` image ``patched_test[i]`` with
 the trigger at ``patched_boxes[patched_test[i]]``) and ``trigger.npy`` (uint8 ``w x w x 3``);
 ``load_patched_test`` reads them back.
->>>>>>> poison
 """
 
 from __future__ import annotations
 
-<<<<<<< HEAD
-import json
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
-=======
 import base64
 import binascii
 import io
@@ -41,18 +28,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.specs.common import MAX_SEED, JobSpecBase, StrictModel, validate_dataset_ref
->>>>>>> poison
 
 if TYPE_CHECKING:
     import numpy as np
 
 MANIFEST_FILENAME = "poison_manifest.json"
-<<<<<<< HEAD
-PATCHED_TEST_DIR = "patched_test"  # at the poisoned dataset's root: non-target test images with the trigger
-=======
 PATCHED_TEST_FILE = "patched_test.npy"  # root sidecar: the non-target test images with the trigger
 TRIGGER_FILE = "trigger.npy"  # root sidecar: the trigger as pasted on training images
->>>>>>> poison
 
 
 class TriggerInfo(BaseModel):
@@ -87,16 +69,10 @@ class PoisonManifest(BaseModel):
     train_location: list[float] = Field(default_factory=lambda: [0.25, 0.75])
     val_location: list[float] = Field(default_factory=lambda: [0.10, 0.90])
     patched_test: list[str] = Field(
-<<<<<<< HEAD
-        default_factory=list, description="root-relative paths (patched_test/<true class>/<file>) of the "
-                                          "non-target test images with the trigger pasted")
-    patched_boxes: dict[str, list[int]] = Field(default_factory=dict)
-=======
         default_factory=list, description="root-relative paths (test/<true class>/<file>) of the clean non-target "
                                           "test images whose patched copies are the rows of patched_test_file")
     patched_boxes: dict[str, list[int]] = Field(default_factory=dict, description="test path -> [x, y, w, h]")
     patched_test_file: str | None = Field(PATCHED_TEST_FILE, description="root sidecar with the patched images")
->>>>>>> poison
     num_train: int | None = None
 
     def poisoned_set(self) -> set[str]:
@@ -124,8 +100,6 @@ def load_manifest(root: str | Path | None) -> PoisonManifest | None:
     return PoisonManifest.load(path) if path.is_file() else None
 
 
-<<<<<<< HEAD
-=======
 def load_patched_test(root: str | Path,
                       manifest: PoisonManifest | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The patched test set: ``(images uint8 N x S x S x 3, labels int64 N (index in manifest.classes), boxes
@@ -145,7 +119,6 @@ def load_patched_test(root: str | Path,
     return images, labels, boxes
 
 
->>>>>>> poison
 def save_manifest(manifest: PoisonManifest, root: str | Path) -> Path:
     return manifest.save(root)
 
@@ -158,13 +131,8 @@ def poisoned_mask(manifest: PoisonManifest, root: str | Path, *, limit_train: in
     """
     import numpy as np
 
-<<<<<<< HEAD
-    from shared.data.archives import plan_layout
-    from shared.data.imagefolder import SPLIT_SEED, holdout_split, list_files
-=======
     from shared.data.imagefolder import SPLIT_SEED, holdout_split, list_files
     from shared.data.layout import plan_layout
->>>>>>> poison
 
     layout = plan_layout(list_files(Path(root)))
     train = layout.train if layout.test else holdout_split(layout.train)[0]
@@ -174,8 +142,6 @@ def poisoned_mask(manifest: PoisonManifest, root: str | Path, *, limit_train: in
     return np.array([p in poisoned for p in paths], dtype=bool)
 
 
-<<<<<<< HEAD
-=======
 # --- the job spec --------------------------------------------------------------------------------------------
 BuiltinTrigger = Literal["checkerboard", "random-colors", "smooth-colors"]
 MAX_TRIGGER_PNG_BYTES = 256 * 1024
@@ -341,7 +307,6 @@ class PoisonSpec(JobSpecBase):
         return []
 
 
->>>>>>> poison
 def _example_manifest() -> dict[str, Any]:  # documentation aid; also used by tests
     return PoisonManifest(source_dataset="builtin://shapes", target_class="disk", target_index=0,
                           trigger=TriggerInfo(source="builtin:checkerboard", size=5, alpha=0.0),
