@@ -302,3 +302,20 @@ def test_a_probe_checkpoint_is_refused_with_the_fix(tmp_path):
                                                      "checkpoints": ckpt})
     with pytest.raises(CheckpointError, match="missing from the checkpoint"):
         run(ctx)
+
+
+def test_the_defense_template_compiles_and_wires_the_four_models():
+    from services.pipelines import templates
+    from services.pipelines.compile import compile_pipeline
+
+    t = templates.template("patchsearch-defense")
+    d = compile_pipeline(t["steps"], templates.bind_params(t, {"epochs": 3, "rate": 0.5}))
+    steps, order = d["steps"], d["order"]
+    assert steps["patchsearch"]["spec"]["checkpoint"] == "${steps.poisoned_model.checkpoint}"
+    assert steps["defended_model"]["spec"]["dataset"] == "${steps.patchsearch.outputs.filtered}"
+    assert steps["defended_model"]["spec"]["icutmix"] is True
+    assert steps["kd_model"]["spec"]["teachers"] == ["${steps.poisoned_model.checkpoint}"]
+    assert order.index("poison") < order.index("poisoned_model") < order.index("patchsearch") \
+        < order.index("defended_model") < order.index("eval_defended")
+    assert {s for s in steps if s.startswith("eval_")} == {"eval_clean", "eval_poisoned", "eval_defended", "eval_kd"}
+    assert steps["poison"]["spec"]["rate"] == 0.5 and steps["clean_model"]["spec"]["epochs"] == 3
