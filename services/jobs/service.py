@@ -119,12 +119,12 @@ def _resolve_checkpoints(session: Session, project_id: uuid.UUID,
         job = session.get(Job, uuid.UUID(ident))
         if job is None or job.project_id != project_id:
             raise NotFound(f"job {ident} not found in this project", loc=loc)
+        _check_producer(spec, name, job, loc)
         if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
             raise Conflict(f"job {ident} ended {job.status.value}; it has no final checkpoint to use", loc=loc)
         art = latest_checkpoint(session, job.id) if job.status == JobStatus.SUCCEEDED else None
         if job.status == JobStatus.SUCCEEDED and art is None:
             raise Conflict(f"job {ident} succeeded without writing a checkpoint", loc=loc)
-        _check_producer(spec, name, job, loc)
         if art is None:
             waits.append(job)
         resolved[name] = {"ref": ref, "job_id": str(job.id), "artifact_id": str(art.id) if art else None}
