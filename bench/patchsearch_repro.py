@@ -72,7 +72,7 @@ def make_data(cache: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
 def train_model(name: str, data: Path, cache: Path, args: argparse.Namespace, deadline: float) -> Path:
     """An ssl-train SimCLR model (cached); resumes from its last checkpoint; raises OutOfBudget at the deadline."""
     from shared.data.imagefolder import load_image_folder
-    from shared.specs import parse_spec
+    from shared.specs.ssl_train import SslTrainSpec
     from workers.runtime.context import Preempted
     from workers.runtime.local import LocalContext
     from workers.ssl_trainer.train import train
@@ -80,7 +80,7 @@ def train_model(name: str, data: Path, cache: Path, args: argparse.Namespace, de
     out = cache / "models" / f"{name}.pt"
     if out.is_file():
         return out
-    spec = parse_spec({"kind": "ssl-train", "method": "simclr", "dataset": "builtin://shapes", "image_size": 16,
+    spec = SslTrainSpec.model_validate({"kind": "ssl-train", "method": "simclr", "dataset": "builtin://shapes", "image_size": 16,
                        "backbone": args.backbone, "batch_size": 128, "epochs": args.epochs, "lr": 0.06,
                        "temperature": 0.2, "augment": {"crop_scale": [0.4, 1.0]}, "seed": 0, "knn_every": 0,
                        "checkpoint_every": 1})
@@ -141,12 +141,12 @@ def attack_check(model_path: Path, data: Path) -> dict[str, float]:
 
 
 def run_patchsearch(model_path: Path, data: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from shared.specs import parse_spec
+    from shared.specs.patchsearch import PatchSearchSpec
     from workers.poison_scanner.patchsearch.inputs import load_model, load_training_set
     from workers.poison_scanner.patchsearch.job import patchsearch
     from workers.runtime.local import LocalContext
 
-    spec = parse_spec({"kind": "patchsearch", "checkpoint": NIL, "dataset": "bench", "clusters": args.clusters,
+    spec = PatchSearchSpec.model_validate({"kind": "patchsearch", "checkpoint": NIL, "dataset": "bench", "clusters": args.clusters,
                        "test_images": args.test_images, "window": 6, "samples_per_iteration": 2,
                        "prune_fraction": 0.25, "batch_size": 512,
                        "classifier": {"models": args.models, "max_iterations": args.iterations}})
