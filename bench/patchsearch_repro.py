@@ -80,7 +80,8 @@ def train_model(name: str, data: Path, cache: Path, args: argparse.Namespace, de
     out = cache / "models" / f"{name}.pt"
     if out.is_file():
         return out
-    spec = SslTrainSpec.model_validate({"kind": "ssl-train", "method": "simclr", "dataset": "builtin://shapes", "image_size": 16,
+    spec = SslTrainSpec.model_validate({
+                       "kind": "ssl-train", "method": "simclr", "dataset": "builtin://shapes", "image_size": 16,
                        "backbone": args.backbone, "batch_size": 128, "epochs": args.epochs, "lr": 0.06,
                        "temperature": 0.2, "augment": {"crop_scale": [0.4, 1.0]}, "seed": 0, "knn_every": 0,
                        "checkpoint_every": 1})
@@ -146,7 +147,8 @@ def run_patchsearch(model_path: Path, data: Path, args: argparse.Namespace) -> d
     from workers.poison_scanner.patchsearch.job import patchsearch
     from workers.runtime.local import LocalContext
 
-    spec = PatchSearchSpec.model_validate({"kind": "patchsearch", "checkpoint": NIL, "dataset": "bench", "clusters": args.clusters,
+    spec = PatchSearchSpec.model_validate({
+                       "kind": "patchsearch", "checkpoint": NIL, "dataset": "bench", "clusters": args.clusters,
                        "test_images": args.test_images, "window": 6, "samples_per_iteration": 2,
                        "prune_fraction": 0.25, "batch_size": 512,
                        "classifier": {"models": args.models, "max_iterations": args.iterations}})

@@ -90,8 +90,8 @@ def load_training_set(ref: dict[str, Any], *, image_size: int) -> TrainingSet:
         raise JobConfigError(str(exc)) from exc
     if not ref.get("path"):
         return TrainingSet(dataset, None, None, None)
-    from shared.data.layout import plan_layout
     from shared.data.imagefolder import SPLIT_SEED, holdout_split, list_files
+    from shared.data.layout import plan_layout
 
     root = Path(ref["path"])
     layout = plan_layout(list_files(root))
