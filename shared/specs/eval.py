@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args
 
 from pydantic import Field, field_validator
 
@@ -31,8 +31,20 @@ class LinearProbeOptions(StrictModel):
                                             "False: features are computed once and cached (fast)")
 
 
-Protocol = Literal["knn", "linear"]
-PROTOCOLS: tuple[Protocol, ...] = ("knn", "linear")
+class AttackOptions(StrictModel):
+    """Protocol ``attack`` (workers/evaluator/attack.py): backdoor metrics on a dataset made by a poison job;
+    ``block``: the ViT test-time blocking defense (attention-gradient rollout) with its random-block control."""
+
+    block: bool = Field(False, description="mask the most-attended window and classify again (ViT backbones)")
+    block_size: int | None = Field(None, ge=1, le=512, description="window side; default the trigger's side")
+    block_fill: Literal["black", "mean"] = Field("black", description="black: 0 in pixel space (the reference); "
+                                                                      "mean: the image's mean colour")
+    discard_ratio: float = Field(0.9, ge=0, lt=1, description="rollout: share of the lowest attention entries zeroed")
+    heatmaps: int = Field(8, ge=0, le=64, description="patched images whose rollout maps are saved as an image")
+
+
+Protocol = Literal["knn", "linear", "attack"]
+PROTOCOLS: tuple[Protocol, ...] = ("knn", "linear")  # the default; "attack" needs a poisoned dataset
 
 
 class EvalSpec(JobSpecBase):
@@ -48,10 +60,11 @@ class EvalSpec(JobSpecBase):
     train_fraction: float = Field(1.0, gt=0, le=1, description="labelled share used (0.01, 0.1 for semi-sup. "
                                                                "evaluation): k-NN database and probe training")
     protocols: list[Protocol] = Field(default_factory=lambda: list(PROTOCOLS), min_length=1,
-                                      max_length=len(PROTOCOLS))
+                                      max_length=len(get_args(Protocol)))
     knn_k: list[int] = Field(default_factory=lambda: [1, 20], min_length=1, max_length=8,
                              description="unweighted majority vote (reference); weighted k=200 is reported too")
     linear: LinearProbeOptions = Field(default_factory=LinearProbeOptions)
+    attack: AttackOptions = Field(default_factory=AttackOptions)
     seed: int = Field(0, ge=0, le=MAX_SEED)
     num_workers: int = Field(0, ge=0, le=64)
 

@@ -57,7 +57,7 @@ def run(ctx: MethodContext[EvalSpec]) -> None:
     meta = model_meta(state, source=spec.checkpoint)
     size = spec.image_size or int(meta["image_size"])
     dataset = load_job_dataset(ctx, image_size=size)
-    evaluate(spec, dataset, state, ctx=ctx)
+    evaluate(spec, dataset, state, ctx=ctx, dataset_root=(ctx.inputs.get("dataset") or {}).get("path"))
 
 
 def labelled_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -77,8 +77,10 @@ def labelled_subset(labels: np.ndarray, fraction: float, seed: int) -> np.ndarra
 
 
 def evaluate(spec: EvalSpec, dataset: ImageDataset, checkpoint: str | Path | Mapping[str, Any], *,
-             ctx: MethodContext[EvalSpec] | None = None, device: torch.device | None = None) -> dict[str, float]:
+             ctx: MethodContext[EvalSpec] | None = None, device: torch.device | None = None,
+             dataset_root: str | Path | None = None) -> dict[str, float]:
     """Evaluate a model checkpoint's backbone on ``dataset``; returns (and ``ctx.set_result``s) the numbers.
+    ``dataset_root`` (the extracted dataset folder) is where protocol ``attack`` finds the poison manifest.
 
     Raises:
         CheckpointError (a ``JobConfigError``): not a model checkpoint, or it does not load completely.
@@ -156,6 +158,13 @@ def evaluate(spec: EvalSpec, dataset: ImageDataset, checkpoint: str | Path | Map
         torch.save({"probe": {k: v.cpu() for k, v in probe.probe.state_dict().items()}, "meta": probe_meta}, path)
         ctx.save_artifact(path, name="linear-probe", artifact_kind="model",
                           meta={"linear_top1": probe.last_top1, "epochs": opts.epochs, "checkpoint": spec.checkpoint})
+
+    if "attack" in spec.protocols:
+        from workers.evaluator.attack import attack_eval
+
+        attack = attack_eval(spec, dataset, encoder, meta, root=dataset_root, ctx=ctx, device=device)
+        ctx.log(f"attack: {fmt_metrics(attack)}")
+        result |= attack
 
     ctx.set_result(result)
     return result
