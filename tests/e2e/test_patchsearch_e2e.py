@@ -91,6 +91,14 @@ def test_the_defense_pipeline_and_patchsearch_jobs_through_the_api(platform):
         run = client.get_run(platform.job(jid)["mlflow_run_id"])
         assert run.data.tags.get("mlflow.parentRunId") == parent, name
 
+    # the comparison table of the four models, from the evaluations' attack numbers
+    from workers.poison_scanner.patchsearch.report import comparison_table
+
+    evals = {n: platform.job(job_of[n])["result"] for n in steps if n.startswith("eval_")}
+    assert all("attack_asr" in r and "attack_fp_patched" in r for r in evals.values()), evals
+    table = comparison_table(evals)
+    assert len(table.splitlines()) == 6 and "| PatchSearch-defended" in table and " - |" not in table, table
+
     # a dataset without a manifest: metrics skipped, with the reason, not a crash
     up = platform.http.post("/v1/datasets", data={"name": "ps-clean"}, files={"file": ("d.zip", _zip_dataset())})
     assert up.status_code in (200, 201), up.text

@@ -319,3 +319,14 @@ def test_the_defense_template_compiles_and_wires_the_four_models():
         < order.index("defended_model") < order.index("eval_defended")
     assert {s for s in steps if s.startswith("eval_")} == {"eval_clean", "eval_poisoned", "eval_defended", "eval_kd"}
     assert steps["poison"]["spec"]["rate"] == 0.5 and steps["clean_model"]["spec"]["epochs"] == 3
+
+
+def test_the_comparison_table_has_a_row_per_model_and_dashes_for_missing_numbers():
+    from workers.poison_scanner.patchsearch.report import comparison_table
+
+    r = {"attack_clean_acc": 0.9, "attack_patched_acc": 0.5, "attack_fp_clean": 4, "attack_fp_patched": 40,
+         "attack_asr": 0.4}
+    table = comparison_table({"eval_clean": r, "eval_poisoned": r, "eval_kd": {"attack_clean_acc": 0.8}})
+    lines = table.splitlines()
+    assert len(lines) == 5 and lines[2].startswith("| clean-data model | 0.900 | 0.500 | 4 | 40 | 0.400 |")
+    assert lines[4] == "| KD-defended (CompRess) | 0.800 | - | - | - | - |"
