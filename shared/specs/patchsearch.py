@@ -89,6 +89,8 @@ class PatchSearchSpec(JobSpecBase):
     prune_fraction: float = Field(0.25, gt=0, lt=1, description="share of candidate clusters dropped per round")
     # --- stage 4: poison classifier and removal
     classifier: PoisonClassifierOptions = Field(default_factory=PoisonClassifierOptions)
+    max_removed_fraction: float = Field(1.0, gt=0, le=1, description="cap on the share of images removed: beyond "
+                                        "it only the highest P(poison) are (1: no cap, the reference)")
     save_top_patches: int = Field(100, ge=1, le=1000, description="windows of the best-scored images in the grid")
     filtered_name: str | None = Field(None, max_length=128, description="name of the filtered dataset "
                                                                         "(default: <dataset name>-filtered)")

@@ -248,7 +248,7 @@ def _checkpoint(path: Path) -> Path:
     return path
 
 
-TINY_JOB = {"kind": "patchsearch", "checkpoint": CKPT, "dataset": "ds", "clusters": 6, "test_images": 12, "window": 6,
+TINY_JOB = {"kind": "patchsearch", "checkpoint": CKPT, "dataset": "ds", "max_removed_fraction": 0.5, "clusters": 6, "test_images": 12, "window": 6,
             "classifier": {"topk_poisons": 5, "validation_images": 5, "models": 1, "max_iterations": 6,
                            "eval_every": 3, "batch_size": 8}}
 
@@ -278,6 +278,7 @@ def test_the_job_end_to_end_on_a_tiny_image_folder(tmp_path, poison):
     else:
         assert r["detection_metrics"] == 0 and "top5_precision" not in r
         assert "no poison_manifest.json" in report["detection"]["skipped"]
+    assert r["images_removed"] <= 45  # max_removed_fraction 0.5
     kept = len(list((tmp_path / "work" / "filtered" / "train").rglob("*.png")))
     assert kept == 90 - r["images_removed"]
 

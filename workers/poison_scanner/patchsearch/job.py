@@ -138,6 +138,13 @@ def patchsearch(spec: PatchSearchSpec, training: TrainingSet, model: Model, *,
     removed, prob, creport = poison_classifier(images, order, search.windows, opts, mean=model.mean,
                                                std=model.std, seed=spec.seed, device=model.device,
                                                on_step=on_step)
+    cap = math.floor(spec.max_removed_fraction * n)
+    if removed.sum() > cap:
+        ctx.log(f"the classifiers flag {int(removed.sum())} images, above max_removed_fraction="
+                f"{spec.max_removed_fraction:g}: removing the {cap} with the highest P(poison)")
+        keep_top = np.argsort(-prob, kind="stable")[:cap]
+        removed = np.zeros(n, dtype=bool)
+        removed[keep_top] = True
     seconds["classifier"] = clock()
     ctx.log(f"stage 4: {opts.models} classifiers ({creport.iterations} iterations, validation F1 "
             f"{[round(f, 3) for f in creport.val_f1]}) remove {int(removed.sum())} of {n} images "
