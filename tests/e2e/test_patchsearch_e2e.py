@@ -24,8 +24,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 TINY_PARAMS: dict[str, Any] = {
     "limit_train": 200, "limit_test": 100, "epochs": 1, "defended_epochs": 1, "batch_size": 32,
-    "backbone": "resnet10", "clusters": 5, "test_images": 20, "window": 6, "classifier_iterations": 4, "max_removed_fraction": 0.3,
-    "kd_clean_images": 64, "kd_epochs": 1, "kd_bank": 32, "defended_bank": 64, "probe_epochs": 1,
+    "backbone": "resnet10", "clusters": 5, "test_images": 20, "window": 6, "classifier_iterations": 4,
+    "max_removed_fraction": 0.3, "kd_clean_images": 64, "kd_epochs": 1, "kd_bank": 32, "defended_bank": 64,
+    "probe_epochs": 1,
 }
 
 

@@ -248,7 +248,8 @@ def _checkpoint(path: Path) -> Path:
     return path
 
 
-TINY_JOB = {"kind": "patchsearch", "checkpoint": CKPT, "dataset": "ds", "max_removed_fraction": 0.5, "clusters": 6, "test_images": 12, "window": 6,
+TINY_JOB = {"kind": "patchsearch", "checkpoint": CKPT, "dataset": "ds", "max_removed_fraction": 0.5,
+            "clusters": 6, "test_images": 12, "window": 6,
             "classifier": {"topk_poisons": 5, "validation_images": 5, "models": 1, "max_iterations": 6,
                            "eval_every": 3, "batch_size": 8}}
 
