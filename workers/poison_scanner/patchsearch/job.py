@@ -202,10 +202,9 @@ def _write_outputs(spec: PatchSearchSpec, training: TrainingSet, outcome: PatchS
     counts = write_filtered(filtered, training, removed, provenance=provenance)
     outcome.filtered_dir = filtered
     save_dataset = getattr(ctx, "save_dataset", None)
-    stats = {"train": counts["train"], "test": counts["test"], "num_classes": training.dataset.num_classes}
-    if save_dataset is not None:
-        save_dataset(filtered, name=name, output="filtered", stats=stats,
-                     meta={"filtered_by": provenance, "removed": counts["removed"]})
+    if save_dataset is not None:  # its stats (image and class counts) come from the tree itself
+        save_dataset(filtered, name=name, output="filtered",
+                     meta={"filtered_by": provenance, "removed": counts["removed"], "kept_train": counts["train"]})
     else:
         ctx.log("this context cannot save datasets (no save_dataset); the filtered tree stays at "
                 f"{filtered}")
