@@ -98,6 +98,18 @@ class Tracker:
 
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
+    def log_image(self, run_id: str, *, bucket: str, key: str, name: str) -> None:
+        """Copy a small image artifact from the object store into the run's ``images/`` artifacts (MLflow shows
+        it in the UI); large files stay URIs."""
+        import tempfile
+        from pathlib import Path
+
+        from shared.storage import ObjectStore
+
+        with tempfile.TemporaryDirectory(prefix="crucible-mlflow-") as tmp:
+            path = ObjectStore(self.settings).get_file(key, Path(tmp) / Path(name).name, bucket=bucket)
+            self.client.log_artifact(run_id, str(path), artifact_path="images")
+
     def terminate(self, run_id: str, job_status: str) -> None:
         self.client.set_terminated(run_id, status=TERMINAL_STATUS.get(job_status, "FAILED"))
 

@@ -114,10 +114,12 @@ def _resolve_checkpoints(session: Session, project_id: uuid.UUID,
             if art.kind != "checkpoint":
                 raise Invalid(f"artifact {ident} is a {art.kind}, not a checkpoint", loc=loc)
             resolved[name] = {"ref": ref, "artifact_id": str(art.id), "job_id": str(art.job_id) if art.job_id else None}
+            _check_producer(spec, name, session.get(Job, art.job_id) if art.job_id else None, loc)
             continue
         job = session.get(Job, uuid.UUID(ident))
         if job is None or job.project_id != project_id:
             raise NotFound(f"job {ident} not found in this project", loc=loc)
+        _check_producer(spec, name, job, loc)
         if job.status in (JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PRUNED):
             raise Conflict(f"job {ident} ended {job.status.value}; it has no final checkpoint to use", loc=loc)
         art = latest_checkpoint(session, job.id) if job.status == JobStatus.SUCCEEDED else None
@@ -127,6 +129,16 @@ def _resolve_checkpoints(session: Session, project_id: uuid.UUID,
             waits.append(job)
         resolved[name] = {"ref": ref, "job_id": str(job.id), "artifact_id": str(art.id) if art else None}
     return resolved, waits
+
+
+def _check_producer(spec: JobSpecBase, name: str, producer: Job | None, loc: list[str | int]) -> None:
+    """A spec that can tell from the producing job that a checkpoint will not fit (e.g. PatchSearch given an
+    eval job's probe) says so now, as a 422, instead of failing on the worker."""
+    check = getattr(spec, "checkpoint_problems", None)
+    if check is None or producer is None:
+        return
+    for field, msg in check(name, producer_kind=producer.kind, producer_spec=producer.spec):
+        raise Invalid(msg, loc=loc if field == name else ["body", *field.split(".")])
 
 
 def _check_parents(session: Session, project_id: uuid.UUID, parent_ids: list[uuid.UUID]) -> list[Job]:

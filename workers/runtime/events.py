@@ -20,6 +20,7 @@ from shared.models import Artifact, Job
 from workers.runtime import protocol
 
 log = logging.getLogger("crucible.supervisor")
+MAX_MLFLOW_IMAGE_BYTES = 8 * 2**20  # image artifacts up to this size are also logged into the job's MLflow run
 
 
 class EventRelay:
@@ -41,6 +42,7 @@ class EventRelay:
         self._last_checkpoint: uuid.UUID | None = None
         self._input_artifacts: set[str] = set()  # checkpoints this job consumed (teachers, models to evaluate)
         self._mlflow_warned = False
+        self._images: list[tuple[str, str, str]] = []  # (bucket, key, file name) of image artifacts for MLflow
         self.invalid_events = 0
         self.dropped_events = self.dropped_artifacts = 0  # what a lost lease kept from being written
         self.lost = False  # a fenced flush found the lease gone: nothing more is written
@@ -161,6 +163,9 @@ class EventRelay:
         link_parents(s, row.id, [p for p in parents if p is not None])
         lifecycle.add_event(s, self.job_id, self.attempt, art["type"], artifact_id=str(row.id), uri=row.uri,
                             **({"epoch": art.get("epoch"), "final": art.get("final")} if is_ckpt else {}))
+        if not is_ckpt and row.kind == "image" and row.size_bytes <= MAX_MLFLOW_IMAGE_BYTES:
+            # small pictures (patch grids, heatmaps) are shown in MLflow too; checkpoints only as URIs
+            self._images.append((bucket, row.key, f"{art.get('name', 'image')}.png"))
         if is_ckpt:
             self._last_checkpoint = row.id
             self._tags.update({"crucible.checkpoint_uri": row.uri, "crucible.checkpoint_artifact": str(row.id)})
@@ -190,15 +195,17 @@ class EventRelay:
             job.outputs = {**(job.outputs or {}), art["output"]: str(ds.id)}
 
     def _flush_mlflow(self) -> None:
-        if self.run_id is None or (not self._points and not self._tags):
+        if self.run_id is None or (not self._points and not self._tags and not self._images):
             return
-        points, tags = self._points, self._tags
-        self._points, self._tags = [], {}
+        points, tags, images = self._points, self._tags, self._images
+        self._points, self._tags, self._images = [], {}, []
         try:
             if points:
                 self.tracker.log_metrics(self.run_id, points)
             if tags:
                 self.tracker.set_tags(self.run_id, tags)
+            for bucket, key, name in images:
+                self.tracker.log_image(self.run_id, bucket=bucket, key=key, name=name)
         except Exception as e:  # tracking must not kill training; the job row and events still have it all
             if not self._mlflow_warned:
                 log.warning("MLflow logging failed for job %s (continuing): %s", self.job_id, e)
