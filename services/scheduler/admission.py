@@ -30,6 +30,7 @@ import heapq
 from collections import defaultdict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.scheduler.fairshare import average_gpus
 
@@ -91,9 +92,9 @@ class Snapshot:
     active: Sequence[Active] = ()
     pools: Sequence[Pool] = ()
     window: Mapping[str, int] = field(default_factory=dict)  # worker kind -> messages allowed in flight (plain queue)
-    usage: Mapping[Hashable, float] = field(default_factory=dict)  # project -> decayed GPU-seconds
-    quotas: Mapping[Hashable, Quota] = field(default_factory=dict)
-    names: Mapping[Hashable, str] = field(default_factory=dict)  # project -> display name, for reasons
+    usage: Mapping[Any, float] = field(default_factory=dict)  # project -> decayed GPU-seconds
+    quotas: Mapping[Any, Quota] = field(default_factory=dict)
+    names: Mapping[Any, str] = field(default_factory=dict)  # project -> display name, for reasons
 
 
 @dataclass(frozen=True)
@@ -141,13 +142,13 @@ def plan(snap: Snapshot, policy: Policy = Policy()) -> Plan:
     for a in snap.active:
         gpus_now[a.project] += a.gpus
         jobs_now[a.project] += 1
-        st = by_name.get(a.pool) if a.pool else None
-        if st is not None:
-            st.free -= a.gpus
+        held = by_name.get(a.pool) if a.pool else None
+        if held is not None:
+            held.free -= a.gpus
             if a.preempting:
-                st.incoming += a.gpus
+                held.incoming += a.gpus
             else:
-                st.victims.append(a)
+                held.victims.append(a)
         elif a.dispatched:
             window[a.worker_kind] = window.get(a.worker_kind, 0) - 1
 
@@ -173,8 +174,8 @@ def plan(snap: Snapshot, policy: Policy = Policy()) -> Plan:
     while heap:
         _, _, project = heapq.heappop(heap)
         c = heads[project].pop()
-        pool = _admit(c, snap, policy, pools, window, gpus_now, jobs_now, out)
-        if pool is not False:
+        admitted, pool = _admit(c, snap, policy, pools, window, gpus_now, jobs_now, out)
+        if admitted:
             out.dispatch.append((c, pool))
             gpus_now[c.project] += c.gpus
             jobs_now[c.project] += 1
@@ -186,24 +187,24 @@ def plan(snap: Snapshot, policy: Policy = Policy()) -> Plan:
 
 def _admit(c: Candidate, snap: Snapshot, policy: Policy, pools: Mapping[str, list[_PoolState]],
            window: dict[str, int], gpus_now: Mapping[Hashable, int], jobs_now: Mapping[Hashable, int],
-           out: Plan) -> str | None | bool:
-    """The pool ``c`` starts on (None: the plain queue), or False with ``out.waiting[c.job_id]`` set."""
+           out: Plan) -> tuple[bool, str | None]:
+    """(True, the pool ``c`` starts on; None: the plain queue), or (False, None) with ``out.waiting`` set."""
     if policy.quotas and (q := snap.quotas.get(c.project)) is not None:
         name = snap.names.get(c.project, str(c.project))
         if q.max_jobs is not None and jobs_now[c.project] + 1 > q.max_jobs:
             out.waiting[c.job_id] = f"quota: project {name} runs {jobs_now[c.project]}/{q.max_jobs} jobs"
-            return False
+            return False, None
         if c.gpus and q.max_gpus is not None and gpus_now[c.project] + c.gpus > q.max_gpus:
             out.waiting[c.job_id] = (f"quota: project {name} uses {gpus_now[c.project]}/{q.max_gpus} GPUs "
                                      f"(this job needs {c.gpus})")
-            return False
+            return False, None
     kind_pools = pools.get(c.worker_kind, [])
     if c.gpus == 0 or not kind_pools:
         if window.get(c.worker_kind, 0) > 0:
             window[c.worker_kind] -= 1
-            return None
+            return True, None
         out.waiting[c.job_id] = f"waiting for a free {c.worker_kind} worker (queue window full)"
-        return False
+        return False, None
     eligible = [s for s in kind_pools if c.gpu_class in (ANY_CLASS, s.pool.gpu_class)]
     big_enough = [s for s in eligible if s.pool.capacity >= c.gpus]
     if not big_enough:
@@ -211,31 +212,31 @@ def _admit(c: Candidate, snap: Snapshot, policy: Policy, pools: Mapping[str, lis
         what = "no pool" if not eligible else "no pool large enough"
         out.waiting[c.job_id] = (f"{what} for {c.gpus} GPUs of class {c.gpu_class} on {c.worker_kind} "
                                  f"(pools: {offered}); it cannot start until one is configured")
-        return False
+        return False, None
     open_ = [s for s in big_enough if s.blocked_by is None]
     fits = [s for s in open_ if s.free >= c.gpus]
     if fits:
         best = min(fits, key=lambda s: (s.free, s.pool.name))  # best fit keeps big holes for big jobs
         best.free -= c.gpus
-        return best.pool.name
+        return True, best.pool.name
     reason = f"no capacity for {c.gpus} GPUs of class {c.gpu_class}"
     if not policy.backfill:  # FIFO: head-of-line blocking on every pool it could use
         for s in open_:
             s.blocked_by = c.job_id
         out.waiting[c.job_id] = reason
-        return False
+        return False, None
     if policy.preemption and open_ and (victim_pool := _preempt(c, open_, out)) is not None:
         victim_pool.blocked_by = c.job_id
         out.reserved[victim_pool.pool.name] = c.job_id
         out.waiting[c.job_id] = f"{reason}; preempting lower-priority jobs on pool {victim_pool.pool.name}"
-        return False
+        return False, None
     if snap.now - c.queued_at >= policy.reserve_after_s and open_:
         target = max(open_, key=lambda s: (s.free + s.incoming, -s.pool.capacity, s.pool.name))
         target.blocked_by = c.job_id
         out.reserved[target.pool.name] = c.job_id
         reason += f"; pool {target.pool.name} is reserved for it (waited over {policy.reserve_after_s:.0f}s)"
     out.waiting[c.job_id] = reason
-    return False
+    return False, None
 
 
 def _preempt(c: Candidate, open_: list[_PoolState], out: Plan) -> _PoolState | None:

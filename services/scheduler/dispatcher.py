@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from celery import Celery
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from services.scheduler import snapshot
@@ -30,6 +30,7 @@ from shared.models import Job, JobStatus, Outbox, utcnow
 
 log = logging.getLogger(__name__)
 
+_JOBS: Table = Job.__table__  # type: ignore[assignment]  # a Table: a Core UPDATE executemany over its rows
 DISPATCH_LOCK = 0x6372_7563_6962  # "crucib": the advisory lock key every scheduler replica uses
 
 
@@ -112,11 +113,8 @@ def _record_waiting(session: Session, decided: Plan, heads: dict[Any, snapshot.H
     changed = [{"jid": jid, "reason": reason[:2000]} for jid, reason in decided.waiting.items()
                if heads[jid].wait_reason != reason[:2000]]
     if changed:
-        session.execute(
-            update(Job.__table__).where(Job.__table__.c.id == bindparam("jid"),  # type: ignore[attr-defined]
-                                        Job.__table__.c.status == JobStatus.QUEUED.value)  # type: ignore[attr-defined]
-            .values(wait_reason=bindparam("reason")),
-            changed)
+        session.execute(update(_JOBS).where(_JOBS.c.id == bindparam("jid"), _JOBS.c.status == JobStatus.QUEUED.value)
+                        .values(wait_reason=bindparam("reason")), changed)
 
 
 def _request_preemption(session: Session, decided: Plan, stats: DispatchStats) -> None:

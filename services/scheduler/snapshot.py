@@ -123,7 +123,8 @@ def usage(session: Session, running: list[Active], *, now: datetime, half_life: 
         select(Job.project_id, _gpus_sql(), Job.started_at, Job.finished_at)
         .where(Job.finished_at > since, Job.started_at.is_not(None), _gpus_sql() > 0)
     ).all()
-    intervals = [(pid, float(g), _ts(s), _ts(f)) for pid, g, s, f in rows]
+    intervals: list[tuple[Any, float, float, float | None]] = [(pid, float(g), _ts(s), _ts(f))
+                                                                  for pid, g, s, f in rows]
     intervals += [(a.project, float(a.gpus), a.started_at, None) for a in running
                   if a.gpus and a.started_at is not None]
     return usage_by_project(intervals, now.timestamp(), half_life)

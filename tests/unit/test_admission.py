@@ -61,7 +61,7 @@ def test_gpu_class_and_capacity_admission_with_backfill():
     cands = [job("big", gpus=4, cls="a100", at=1), job("small", gpus=2, cls="a100", at=2),
              job("h", gpus=4, cls="h100", at=3), job("toolarge", gpus=16, at=4), job("nocls", gpus=1, cls="v100", at=5)]
     p = plan(Snapshot(now=10.0, pools=[A100, H100], active=busy, candidates=cands), Policy(reserve_after_s=1e9))
-    assert dict((c.job_id, pool) for c, pool in p.dispatch) == {"small": "ssl-trainer.a100", "h": "ssl-trainer.h100"}
+    assert {c.job_id: pool for c, pool in p.dispatch} == {"small": "ssl-trainer.a100", "h": "ssl-trainer.h100"}
     assert p.waiting["big"] == "no capacity for 4 GPUs of class a100"
     assert "no pool large enough for 16 GPUs" in p.waiting["toolarge"]
     assert "no pool for 1 GPUs of class v100" in p.waiting["nocls"]
