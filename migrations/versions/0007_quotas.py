@@ -30,14 +30,16 @@ def upgrade() -> None:
         batch.add_column(sa.Column('wait_reason', sa.Text(), nullable=True))
     with op.batch_alter_table('jobs') as batch:
         batch.alter_column('preempt_requested', server_default=None)
-    op.create_index('ix_jobs_queued_heads', 'jobs', ['project_id', 'worker_kind', sa.text('priority DESC'), 'queued_at', 'id'],
-                    unique=False, postgresql_where=sa.text("status = 'queued'"), sqlite_where=sa.text("status = 'queued'"))
+    if op.get_bind().dialect.name == 'postgresql':  # the dispatcher's heads; SQLite ranks with ROW_NUMBER
+        op.create_index('ix_jobs_queued_heads', 'jobs', ['project_id', 'worker_kind', sa.text('priority DESC'), 'queued_at', 'id'],
+                        unique=False, postgresql_where=sa.text("status = 'queued'"))
     op.create_index('ix_jobs_finished_at', 'jobs', ['finished_at'], unique=False)
 
 
 def downgrade() -> None:
     op.drop_index('ix_jobs_finished_at', table_name='jobs')
-    op.drop_index('ix_jobs_queued_heads', table_name='jobs')
+    if op.get_bind().dialect.name == 'postgresql':
+        op.drop_index('ix_jobs_queued_heads', table_name='jobs')
     with op.batch_alter_table('jobs') as batch:
         batch.drop_column('wait_reason')
         batch.drop_column('pool')

@@ -66,9 +66,10 @@ class Job(UUIDPk, Timestamped, Base):
         Index("ix_jobs_project_status", "project_id", "status"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         # The dispatcher's per-project heads (services/scheduler/snapshot.py): an index probe per project and
-        # worker kind, LIMIT k, whatever the queue's length. Partial: only queued rows are in it.
+        # worker kind, LIMIT k, whatever the queue's length. Partial: only queued rows are in it. Postgres only:
+        # the embedded stack (SQLite) ranks its few rows with ROW_NUMBER.
         Index("ix_jobs_queued_heads", "project_id", "worker_kind", text("priority DESC"), "queued_at", "id",
-              postgresql_where=text("status = 'queued'"), sqlite_where=text("status = 'queued'")),
+              postgresql_where=text("status = 'queued'")).ddl_if(dialect="postgresql"),
         Index("ix_jobs_finished_at", "finished_at"),  # recent GPU usage (fair share) reads a time window
     )
 

@@ -160,7 +160,7 @@ def test_fair_share_prefers_the_project_that_used_fewer_gpus_lately(client, pool
 
 def test_backfill_then_reservation_for_a_large_job(client, pools, monkeypatch):
     _, auth = _project()
-    running = _submit(client, auth, 6)
+    running = _submit(client, auth, 4)
     _only_these([running])
     with session_scope() as s:
         s.execute(update(Job).where(Job.pool == POOL, Job.status.in_([JobStatus.DISPATCHED, JobStatus.RUNNING]))
@@ -168,20 +168,20 @@ def test_backfill_then_reservation_for_a_large_job(client, pools, monkeypatch):
     broker = RecordingBroker()
     with session_scope() as s:
         dispatch_once(s, broker, pools)
-    big = _submit(client, auth, 4)
-    small = _submit(client, auth, 1)
+    big = _submit(client, auth, 8)
+    small = _submit(client, auth, 2)
     _only_these([running, big, small])
     with session_scope() as s:
         dispatch_once(s, broker, pools)
     assert [uuid.UUID(j) for j, _ in broker.sent] == [running, small]  # the small one backfilled
     with session_scope() as s:
-        assert s.get(Job, big).wait_reason == "no capacity for 4 GPUs of class a100"
+        assert s.get(Job, big).wait_reason == "no capacity for 8 GPUs of class a100"
     monkeypatch.setattr(pools, "RESERVE_AFTER_SECONDS", 0.0)
     later = _submit(client, auth, 1)
     _only_these([running, big, small, later])
     with session_scope() as s:
         dispatch_once(s, broker, pools)
-    assert len(broker.sent) == 2  # 1 GPU is free, but the pool drains for the big job now
+    assert len(broker.sent) == 2  # 2 GPUs are free, but the pool drains for the big job now
     with session_scope() as s:
         assert "pool ssl-trainer.a100 is reserved for it" in s.get(Job, big).wait_reason
         assert s.get(Job, later).wait_reason.startswith("no capacity for 1 GPUs")
