@@ -6,19 +6,21 @@ publishes what the plan says; ``bench/scheduler_sim.py`` builds it from simulate
 
 Policy (README "Scheduling: quotas, fair share, GPU-aware admission"):
 
-* **Order.** Higher ``priority`` first. Among equal priority, a job that has waited ``reserve_after_s`` or more
-  comes first (oldest first); then the project with the least *load* (decayed average GPUs held lately, see
-  fairshare.py, plus GPUs held now, including those this plan just gave it), then the oldest job. Every job
-  dispatched raises its project's load at once, so one project's hundred heads interleave with the others'.
+* **Order.** Higher ``priority`` first; among equal priority, the project with the least *load* (decayed average
+  GPUs held lately, see fairshare.py, plus GPUs held now, including those this plan just gave it), then the
+  oldest job. Every job dispatched raises its project's load at once, so one project's hundred heads interleave
+  with the others'.
 * **Quotas.** A job whose project would exceed ``max_gpus`` or ``max_jobs`` waits (``quota: ...``); it holds
   nothing back for anyone else.
 * **GPU-aware admission.** A job asking for ``gpus > 0`` of a worker kind that has pools (``CRUCIBLE_GPU_POOLS``)
   goes only to a pool of its class (``any``: every pool of the kind) with that many GPUs free, best fit first.
   Jobs without GPUs, or of kinds without pools, keep the per-queue message window (``QUEUE_WINDOW``).
 * **Backfill with reservation.** A job that does not fit does not block the jobs behind it: smaller ones that
-  fit start (backfill). Once a blocked job has waited ``reserve_after_s`` it *reserves* the eligible pool closest
-  to fitting it: nothing else starts on that pool until it has started, so the pool drains for it. A large job
-  therefore waits at most ``reserve_after_s`` plus the longest remaining runtime on its pool.
+  fit start (backfill). Against starvation of large jobs, before the fair pass, multi-GPU jobs that have waited
+  ``reserve_after_s`` go oldest first, one per pool per cycle: each starts on a pool where it fits, or else
+  *reserves* the eligible pool closest to fitting it: nothing else starts there until it has, so the pool
+  drains for it. The oldest such job therefore waits at most about ``reserve_after_s`` plus the longest
+  remaining runtime on its pool.
 * **Preemption** (``policy.preemption``, off by default). A blocked job may stop lower-priority running jobs on
   one eligible pool (lowest priority first, then the most recently started: the least work lost) when that
   frees enough GPUs; the pool is reserved for it while they checkpoint and exit.
@@ -157,14 +159,15 @@ def plan(snap: Snapshot, policy: Policy = Policy()) -> Plan:
             return 0.0
         return average_gpus(snap.usage.get(project, 0.0), policy.half_life_s) + gpus_now[project]
 
-    def order(c: Candidate) -> tuple[int, int, float, float, int]:
-        aged = snap.now - c.queued_at >= policy.reserve_after_s and policy.backfill
-        return (-c.priority, 0 if aged else 1, c.queued_at if aged else load(c.project), c.queued_at, c.seq)
+    def order(c: Candidate) -> tuple[int, float, float, int]:
+        return (-c.priority, load(c.project), c.queued_at, c.seq)
 
+    first = _reserve(snap, policy, pools, gpus_now, jobs_now, out) if policy.backfill else set()
     heads: dict[Hashable, list[Candidate]] = defaultdict(list)
     for c in snap.candidates:
-        heads[c.project].append(c)
-    heap: list[tuple[tuple[int, int, float, float, int], int, Hashable]] = []
+        if c.job_id not in first:
+            heads[c.project].append(c)
+    heap: list[tuple[tuple[int, float, float, int], int, Hashable]] = []
     tie = 0  # projects need not be orderable
     for project, cs in heads.items():
         cs.sort(key=lambda c: (-c.priority, c.queued_at, c.seq), reverse=True)  # pop() takes the best
@@ -213,7 +216,7 @@ def _admit(c: Candidate, snap: Snapshot, policy: Policy, pools: Mapping[str, lis
         out.waiting[c.job_id] = (f"{what} for {c.gpus} GPUs of class {c.gpu_class} on {c.worker_kind} "
                                  f"(pools: {offered}); it cannot start until one is configured")
         return False, None
-    open_ = [s for s in big_enough if s.blocked_by is None]
+    open_ = [s for s in big_enough if s.blocked_by in (None, c.job_id)]
     fits = [s for s in open_ if s.free >= c.gpus]
     if fits:
         best = min(fits, key=lambda s: (s.free, s.pool.name))  # best fit keeps big holes for big jobs
@@ -230,13 +233,50 @@ def _admit(c: Candidate, snap: Snapshot, policy: Policy, pools: Mapping[str, lis
         out.reserved[victim_pool.pool.name] = c.job_id
         out.waiting[c.job_id] = f"{reason}; preempting lower-priority jobs on pool {victim_pool.pool.name}"
         return False, None
-    if snap.now - c.queued_at >= policy.reserve_after_s and open_:
-        target = max(open_, key=lambda s: (s.free + s.incoming, -s.pool.capacity, s.pool.name))
-        target.blocked_by = c.job_id
-        out.reserved[target.pool.name] = c.job_id
-        reason += f"; pool {target.pool.name} is reserved for it (waited over {policy.reserve_after_s:.0f}s)"
+    held = [s.pool.name for s in open_ if s.blocked_by == c.job_id]
+    if held:
+        reason += f"; pool {held[0]} is reserved for it (waited over {policy.reserve_after_s:.0f}s)"
     out.waiting[c.job_id] = reason
     return False, None
+
+
+def _reserve(snap: Snapshot, policy: Policy, pools: Mapping[str, list[_PoolState]], gpus_now: dict[Hashable, int],
+             jobs_now: dict[Hashable, int], out: Plan) -> set[Hashable]:
+    """Anti-starvation before the fair pass: multi-GPU jobs that have waited ``reserve_after_s``, oldest first
+    (within priority), each take one pool: they start there if it fits now, else the pool is reserved for them
+    (nothing else starts on it). At most one such job per pool per cycle, so under a long queue, where every job
+    is old, the fair order still decides most starts. Returns the jobs handled here."""
+    aged = sorted((c for c in snap.candidates if c.gpus > 1 and pools.get(c.worker_kind)
+                   and snap.now - c.queued_at >= policy.reserve_after_s),
+                  key=lambda c: (-c.priority, c.queued_at, c.seq))
+    handled: set[Hashable] = set()
+    touched: set[str] = set()
+    for c in aged:
+        mine = [s for s in pools[c.worker_kind] if s.blocked_by is None and s.pool.name not in touched
+                and c.gpu_class in (ANY_CLASS, s.pool.gpu_class) and s.pool.capacity >= c.gpus]
+        if not mine:
+            continue
+        q = snap.quotas.get(c.project) if policy.quotas else None
+        if q is not None and ((q.max_gpus is not None and gpus_now[c.project] + c.gpus > q.max_gpus)
+                              or (q.max_jobs is not None and jobs_now[c.project] + 1 > q.max_jobs)):
+            continue  # over its quota: the fair pass says so; a quota'd job reserves nothing
+        fits = [s for s in mine if s.free >= c.gpus]
+        target = (min(fits, key=lambda s: (s.free, s.pool.name)) if fits
+                  else max(mine, key=lambda s: (s.free + s.incoming, -s.pool.capacity, s.pool.name)))
+        touched.add(target.pool.name)
+        handled.add(c.job_id)
+        if fits:
+            target.free -= c.gpus
+            out.dispatch.append((c, target.pool.name))
+            gpus_now[c.project] += c.gpus
+            jobs_now[c.project] += 1
+        else:
+            target.blocked_by = c.job_id
+            out.reserved[target.pool.name] = c.job_id
+            out.waiting[c.job_id] = (f"no capacity for {c.gpus} GPUs of class {c.gpu_class}; pool "
+                                     f"{target.pool.name} is reserved for it (waited over "
+                                     f"{policy.reserve_after_s:.0f}s)")
+    return handled
 
 
 def _preempt(c: Candidate, open_: list[_PoolState], out: Plan) -> _PoolState | None:
