@@ -149,7 +149,7 @@ def plan(snap: Snapshot, policy: Policy = Policy()) -> Plan:
             held.free -= a.gpus
             if a.preempting:
                 held.incoming += a.gpus
-            else:
+            elif not a.dispatched:  # only a running job can be stopped (a published one starts first)
                 held.victims.append(a)
         elif a.dispatched:
             window[a.worker_kind] = window.get(a.worker_kind, 0) - 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Hashable, Iterable, Mapping
+from typing import Any
 
 # Intervals that ended more than this many half-lives ago are below 2^-8 (0.4 %) of their weight: not read.
 HORIZON_HALF_LIVES = 8.0
@@ -73,7 +74,7 @@ class DecayedLedger:
         self._decay_to(project, now)
         return self._value[project]
 
-    def snapshot(self, now: float, running: Mapping[Hashable, Iterable[tuple[float, float]]] | None = None,
+    def snapshot(self, now: float, running: Mapping[Any, Iterable[tuple[float, float]]] | None = None,
                  ) -> dict[Hashable, float]:
         """Every project's usage at ``now``, plus running allocations ``{project: [(gpus, start), ...]}``."""
         out = {p: self.value(p, now) for p in list(self._value)}

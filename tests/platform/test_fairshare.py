@@ -209,3 +209,41 @@ def test_waiting_reasons_through_the_api_and_cli(client, pools):
     out = CliRunner().invoke(app, ["admin", "quotas"])
     assert f"{name}  gpus=2  jobs=-" in out.output
     assert "no limits" in _set_quota(name)
+
+
+def test_preemption_stops_a_lower_priority_job_which_requeues_without_spending_its_budget(client, pools,
+                                                                                       monkeypatch):
+    _, auth = _project()
+    low = _submit(client, auth, 8, priority=-5)
+    _only_these([low])
+    with session_scope() as s:
+        s.execute(update(Job).where(Job.pool == POOL, Job.status.in_([JobStatus.DISPATCHED, JobStatus.RUNNING]))
+                  .values(status=JobStatus.CANCELLED))
+    broker = RecordingBroker()
+    with session_scope() as s:
+        dispatch_once(s, broker, pools)
+    with session_scope() as s:
+        assert lifecycle.claim(s, job_id=low, attempt=1, worker_id="w", lease_s=60) is not None
+    urgent = _submit(client, auth, 4, priority=50)
+    _only_these([low, urgent])
+    with session_scope() as s:
+        dispatch_once(s, broker, pools)  # preemption is off: the urgent job just waits
+    with session_scope() as s:
+        assert not s.get(Job, low).preempt_requested
+    monkeypatch.setattr(pools, "PREEMPTION", True)
+    with session_scope() as s:
+        assert dispatch_once(s, broker, pools).preempted == 1
+    with session_scope() as s:  # the supervisor learns it from its lease renewal
+        state = lifecycle.renew_lease(s, job_id=low, attempt=1, worker_id="w", lease_s=60)
+        assert state.held and state.preempt_requested and not state.cancel_requested
+        assert "preempting lower-priority jobs" in s.get(Job, urgent).wait_reason
+    with session_scope() as s:  # ... stops the method (SIGTERM → checkpoint → exit 75) and reports it
+        assert lifecycle.finish_attempt(s, job_id=low, attempt=1, worker_id="w", outcome=lifecycle.PREEMPTED,
+                                        reason="preempted (the scheduler needs its GPUs) after checkpointing"
+                                        ) == JobStatus.QUEUED
+    with session_scope() as s:
+        j = s.get(Job, low)
+        assert (j.attempt, j.infra_failures, j.preempt_requested) == (2, 0, False)
+    with session_scope() as s:
+        dispatch_once(s, broker, pools)
+    assert uuid.UUID(broker.sent[-1][0]) == urgent and [uuid.UUID(j) for j, _ in broker.sent].count(low) == 1

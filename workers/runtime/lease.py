@@ -27,6 +27,7 @@ class LeaseKeeper:
         self.on_lost = on_lost
         self.lost = threading.Event()
         self.cancel_requested = False
+        self.preempt_requested = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"lease-{job_id}", daemon=True)
 
@@ -53,6 +54,7 @@ class LeaseKeeper:
             return
         if state.held:
             self.cancel_requested = state.cancel_requested
+            self.preempt_requested = state.preempt_requested
             return
         if not self.lost.is_set():
             log.warning("job %s attempt %d: lease lost; this attempt will write nothing more", self.job_id,
