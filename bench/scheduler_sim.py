@@ -12,7 +12,8 @@ hundreds at t=0 and keeps submitting), GPU demands 1/2/4/8, GPU class any/a100/h
 Offered load is about the cluster's size while jobs arrive (``--load``), plus the burst, so a queue builds
 and the policy matters.
 
-Policies, side by side: **fair** (production defaults: fair share, backfill, reservation after 15 min),
+Policies, side by side: **fair** (production defaults: fair share, backfill, reservation after 15 min), **fair, no
+reservation** (the same without the anti-starvation pre-pass, to show what it costs and buys),
 **fifo** (plain priority-FIFO: priority then age, a job that does not fit blocks its pools) and **fifo+backfill**
 (priority then age, skip what does not fit; no fair share, no reservation).
 
@@ -49,6 +50,7 @@ PROJECTS = {  # name: (share of the jobs, burst at t=0)
 HEADS = 16  # CRUCIBLE_SCHEDULER_HEADS
 POLICIES = {
     "fair": Policy(),
+    "fair, no reservation": Policy(reserve_after_s=math.inf),
     "fifo": FIFO,
     "fifo+backfill": Policy(fair_share=False, backfill=True, quotas=False, reserve_after_s=math.inf),
 }
@@ -256,12 +258,83 @@ def decision_time(n_queued: int, *, seed: int, rounds: int = 200) -> tuple[float
     return spent / max(dispatched, 1), full_sort
 
 
+def postgres_decision_time(sizes: list[int], *, seed: int, rounds: int = 10) -> list[tuple[int, float, float]]:
+    """The production path on real Postgres: ``dispatch_once`` (lock, snapshot queries, plan, publish to a
+    recording broker) with n jobs queued over six projects, each cycle rolled back so every one sees the same
+    queue. Returns (n, seconds per cycle, jobs dispatched per cycle)."""
+    from sqlalchemy import text as sql
+
+    from bench.common import real_stack
+    from services.projects.service import get_or_create_experiment, get_or_create_project
+    from services.scheduler.dispatcher import dispatch_once
+    from shared.config import get_settings
+    from shared.db import get_engine, session_scope
+
+    class Broker:
+        def send_task(self, name: str, args: list[object], queue: str, retry: bool) -> None:
+            pass
+
+    out = []
+    with real_stack():
+        settings = get_settings().model_copy(update={"GPU_POOLS": {p.name: p.capacity for p in POOLS}})
+        with session_scope() as s:
+            projects = []
+            for name in PROJECTS:
+                pid = get_or_create_project(session=s, name=f"sim-{name}-{seed}").id
+                projects.append((pid, get_or_create_experiment(session=s, project_id=pid, name="sim").id))
+        have = 0
+        for n in sorted(sizes):
+            with session_scope() as s:
+                for i, (pid, eid) in enumerate(projects):
+                    k = (n - have) // len(projects) + (1 if i < (n - have) % len(projects) else 0)
+                    s.execute(sql(_INSERT_QUEUED), {"pid": pid, "eid": eid, "n": k, "seed": seed + i})
+                s.execute(sql("INSERT INTO outbox (job_id, attempt, queue, priority, created_at, publish_attempts) "
+                              "SELECT j.id, 1, 'crucible.ssl-trainer', j.priority, j.queued_at, 0 FROM jobs j "
+                              "WHERE j.status = 'queued' AND j.experiment_id = ANY(:eids) AND NOT EXISTS "
+                              "(SELECT 1 FROM outbox o WHERE o.job_id = j.id)"), {"eids": [e for _, e in projects]})
+            have = n
+            with get_engine().connect() as conn:
+                conn.execute(sql("ANALYZE jobs"))
+                conn.execute(sql("ANALYZE outbox"))
+                conn.commit()
+            times, sent = [], 0
+            for _ in range(rounds):
+                from sqlalchemy.orm import Session
+
+                with Session(get_engine()) as s:
+                    started = time.perf_counter()
+                    stats = dispatch_once(s, Broker(), settings)
+                    s.flush()
+                    times.append(time.perf_counter() - started)
+                    sent += stats.published
+                    s.rollback()
+            out.append((n, statistics.median(times), sent / rounds))
+    return out
+
+
+# n queued ssl-train jobs for one project: 1/2/4/8 GPUs, classes any/a100/h100/l4, priorities -10/0/10.
+_INSERT_QUEUED = """
+INSERT INTO jobs (id, project_id, experiment_id, kind, worker_kind, spec, inputs, priority, status, attempt,
+                  infra_failures, user_failures, max_infra_retries, max_user_retries, cancel_requested,
+                  preempt_requested, progress, result, outputs, queued_at, created_at, updated_at)
+SELECT gen_random_uuid(), :pid, :eid, 'ssl-train', 'ssl-trainer',
+       jsonb_build_object('kind', 'ssl-train', 'resources', jsonb_build_object(
+           'gpus', (ARRAY[1, 1, 1, 1, 2, 2, 4, 8])[1 + (g * 7 + :seed) % 8],
+           'gpu_class', (ARRAY['any', 'any', 'a100', 'h100', 'l4'])[1 + (g * 3 + :seed) % 5])),
+       '{}'::jsonb, (ARRAY[0, 0, 0, 0, 0, 0, 10, -10])[1 + (g * 5 + :seed) % 8], 'queued', 1, 0, 0, 3, 0, false,
+       false, 0.0, '{}'::jsonb, '{}'::jsonb, now() - make_interval(secs => g), now(), now()
+FROM generate_series(1, :n) AS g
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=4000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--load", type=float, default=1.0, help="offered GPU load while jobs arrive (1.0: the cluster)")
     ap.add_argument("--queued", type=int, nargs="+", default=[1000, 10000, 100000])
+    ap.add_argument("--postgres", action="store_true",
+                    help="also time dispatch_once on real Postgres (tests/stack.py) at each --queued size")
     args = ap.parse_args()
     jobs = trace(args.jobs, args.seed, args.load)
     print(f"trace: {len(jobs)} jobs, {len(PROJECTS)} projects, {CAPACITY} GPUs "  # noqa: T201
@@ -280,6 +353,12 @@ def main() -> None:
     for n in args.queued:
         per_job, full = decision_time(n, seed=args.seed)
         print(f"{n:>8} | {per_job * 1e3:>7.3f} ms | {full * 1e3:>7.1f} ms")  # noqa: T201
+    if args.postgres:
+        print("\ndispatch_once on real Postgres (lock + snapshot queries + plan + publish), median of 10 cycles:")  # noqa: T201
+        print(f"{'queued':>8} | {'per cycle':>10} | {'dispatched':>10} | {'per job':>9}")  # noqa: T201
+        for n, per_cycle, sent in postgres_decision_time(args.queued, seed=args.seed):
+            print(f"{n:>8} | {per_cycle * 1e3:>7.1f} ms | {sent:>10.0f} | "  # noqa: T201
+                  f"{per_cycle / max(sent, 1) * 1e3:>6.2f} ms")
 
 
 def _table(results: dict[str, Result]) -> None:
