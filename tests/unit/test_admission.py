@@ -110,3 +110,22 @@ def test_preemption_stops_the_cheapest_lower_priority_jobs():
                 busy[2]]
     again = plan(Snapshot(now=101.0, pools=[A100, H100], active=stopping, candidates=cands), Policy(preemption=True))
     assert again.preempt == []  # the stopping job frees enough: nobody else is stopped
+
+
+def test_pools_have_their_own_queues_and_are_validated(monkeypatch):
+    from shared.celery_app import make_celery
+    from shared.config import Settings
+    from workers.worker import queues_for
+
+    s = Settings(GPU_POOLS={"ssl-trainer.a100": 8})
+    assert "crucible.ssl-trainer.a100" in make_celery(s).amqp.queues
+    monkeypatch.setenv("CRUCIBLE_WORKER_GPU_CLASS", "a100")
+    assert queues_for({"ssl-trainer"}) == ["crucible.ssl-trainer.a100"]
+    for bad in ({"ssl-trainer": 8}, {"ssl-trainer.any": 8}, {"ssl-trainer.A100": 8}, {"ssl-trainer.a100": 0}):
+        with pytest.raises(ValueError, match="pool"):
+            Settings(GPU_POOLS=bad)
+    from services.scheduler.snapshot import pool_queue, pools_from_settings
+
+    with pytest.raises(ValueError, match="known kinds"):
+        pools_from_settings(Settings(GPU_POOLS={"nope.a100": 8}))
+    assert pool_queue("ssl-trainer.h100") == "crucible.ssl-trainer.h100"
