@@ -23,6 +23,15 @@ def declared_queues() -> list[Queue]:
     return [Queue(w.queue, _exchange, routing_key=w.queue) for w in worker_kinds()]
 
 
+def pool_queues(settings: Settings) -> list[Queue]:
+    """One queue per GPU pool (``CRUCIBLE_GPU_POOLS``): ``crucible.<worker kind>.<gpu class>``."""
+    names = []
+    for key in settings.GPU_POOLS:
+        kind, _, gpu_class = key.rpartition(".")
+        names.append(f"{queue_for(kind)}.{gpu_class}")
+    return [Queue(n, _exchange, routing_key=n) for n in names]
+
+
 def make_celery(settings: Settings | None = None) -> Celery:
     s = settings or get_settings()
     if s.BROKER_URL.startswith("sqla+"):
@@ -32,7 +41,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
         kombu_sqla.Transport.polling_interval = 0.2
     app = Celery("crucible", broker=s.BROKER_URL, set_as_current=False)
-    queues = declared_queues()
+    queues = declared_queues() + pool_queues(s)
     app.conf.update(
         task_queues=queues,
         task_default_queue=queue_for("ssl-trainer"),

@@ -76,6 +76,22 @@ class Settings(BaseSettings):
     # Operator's ceiling on a spec's retries.infra: one bad spec must not crash-loop a GPU node 100 times.
     MAX_INFRA_RETRIES: int = Field(10, ge=0)
 
+    # --- scheduling: pools, quotas, fair share (services/scheduler/admission.py, README "Scheduling") ---------
+    # GPU pools per worker kind: "<worker kind>.<gpu class>" -> GPUs it offers, e.g. '{"ssl-trainer.a100": 16,
+    # "ssl-trainer.h100": 8}'. A pool's workers consume queue crucible.<worker kind>.<gpu class> (start them with
+    # CRUCIBLE_WORKER_GPU_CLASS=<gpu class>). Jobs asking for GPUs of a kind with pools are admitted only where
+    # that many GPUs of their class are free; other jobs keep the per-queue window (QUEUE_WINDOW).
+    GPU_POOLS: dict[str, int] = Field(default_factory=dict)
+    FAIR_SHARE: bool = True  # False: priority, then age, across projects (no usage term)
+    FAIR_SHARE_HALF_LIFE_SECONDS: float = Field(3600.0, gt=0)  # GPU-hours used this long ago count half
+    # A GPU job that cannot start for this long reserves the pool nearest to fitting it: nothing else starts
+    # there until it has (backfill stops on that pool, so a large job is never starved by small ones).
+    RESERVE_AFTER_SECONDS: float = Field(900.0, ge=0)
+    SCHEDULER_HEADS: int = Field(16, ge=1, le=1000)  # queued jobs read per project and worker kind each cycle
+    # A GPU job that cannot start may stop lower-priority running jobs (SIGTERM -> checkpoint -> re-queue; they
+    # resume later). Off by default.
+    PREEMPTION: bool = False
+
     # --- webhooks (services/scheduler/webhooks.py) --------------------------------------------
     WEBHOOK_TIMEOUT_SECONDS: float = 5.0  # one POST, connect to last byte
     WEBHOOK_MAX_ATTEMPTS: int = Field(8, ge=1)  # then the delivery is marked failed (last_error kept)
@@ -124,6 +140,20 @@ class Settings(BaseSettings):
         # SQLAlchemy 2 maps postgresql:// to psycopg 3 already; postgres:// is a common alias it rejects.
         if v.startswith("postgres://"):
             v = "postgresql+psycopg://" + v.removeprefix("postgres://")
+        return v
+
+    @field_validator("GPU_POOLS")
+    @classmethod
+    def _pools(cls, v: dict[str, int]) -> dict[str, int]:
+        import re
+
+        for key, gpus in v.items():
+            kind, dot, gpu_class = key.rpartition(".")
+            if not dot or not kind or not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", gpu_class) or gpu_class == "any":
+                raise ValueError(f"pool {key!r} must be '<worker kind>.<gpu class>' (class: lowercase letters, "
+                                 "digits, '_' or '-', not 'any'), e.g. 'ssl-trainer.a100'")
+            if gpus < 1:
+                raise ValueError(f"pool {key!r} must offer at least 1 GPU, not {gpus}")
         return v
 
     @model_validator(mode="after")

@@ -113,6 +113,7 @@ class LeaseState:
     held: bool  # False: the job is no longer ours (reconciled away, or finished elsewhere)
     cancel_requested: bool
     stop_reason: str | None = None  # with cancel_requested: "pruned" for a sweep's early stop, else a cancel
+    preempt_requested: bool = False  # the scheduler wants the GPUs back: checkpoint, exit, be re-queued
 
 
 class LeaseLost(Exception):  # noqa: N818 - a state the caller handles, like Preempted
@@ -141,12 +142,12 @@ def fence(session: Session, *, job_id: uuid.UUID, attempt: int, worker_id: str, 
         .where(Job.id == job_id, Job.attempt == attempt, Job.worker_id == worker_id,
                Job.status == JobStatus.RUNNING, Job.lease_expires_at > now)
         .values(**values)
-        .returning(Job.cancel_requested, Job.stop_reason)
+        .returning(Job.cancel_requested, Job.stop_reason, Job.preempt_requested)
         .execution_options(synchronize_session=False)
     ).first()
     if res is None:
         raise LeaseLost(f"job {job_id} attempt {attempt} is no longer held by {worker_id}")
-    return LeaseState(held=True, cancel_requested=bool(res[0]), stop_reason=res[1])
+    return LeaseState(held=True, cancel_requested=bool(res[0]), stop_reason=res[1], preempt_requested=bool(res[2]))
 
 
 class Outcome(enum.StrEnum):
@@ -228,6 +229,12 @@ def finish_attempt(session: Session, *, job_id: uuid.UUID, attempt: int, worker_
         terminate(session, job, JobStatus.SUCCEEDED, reason)
     elif outcome == Outcome.CANCELLED:
         terminate(session, job, JobStatus.CANCELLED, reason or "cancelled")
+    elif outcome == Outcome.PREEMPTED and job.preempt_requested:
+        # The scheduler stopped it for a higher-priority job (services/scheduler/admission.py): not the job's
+        # fault, so no retry budget is spent; it resumes from the checkpoint it just wrote.
+        job.preempt_requested = False
+        _retry(session, job, f"{reason or outcome}; preempted by the scheduler for a higher-priority job, "
+                             "resuming from the latest checkpoint")
     elif outcome in (Outcome.PREEMPTED, Outcome.INFRA_ERROR):
         job.infra_failures += 1
         budget = infra_budget(job)

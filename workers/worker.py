@@ -53,7 +53,11 @@ def identity() -> Identity:
 
 
 def queues_for(kinds: set[str]) -> list[str]:
-    return [queue_for(k) for k in (WORKER_KINDS if kinds == {"all"} else sorted(kinds))]
+    """The kinds' queues; with ``CRUCIBLE_WORKER_GPU_CLASS=c`` their GPU pool queues ``crucible.<kind>.c`` instead
+    (the scheduler sends a job there only when the pool has the GPUs it asks for: CRUCIBLE_GPU_POOLS)."""
+    gpu_class = os.environ.get("CRUCIBLE_WORKER_GPU_CLASS", "").strip()
+    suffix = f".{gpu_class}" if gpu_class else ""
+    return [queue_for(k) + suffix for k in (WORKER_KINDS if kinds == {"all"} else sorted(kinds))]
 
 
 def _heartbeat_loop(interval: float) -> None:

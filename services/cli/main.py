@@ -231,6 +231,39 @@ def admin_list_storage(project: Annotated[str | None, typer.Argument(help="only 
             typer.echo(f"{name}  {uri}")
 
 
+@admin_app.command("set-quota")
+@friendly
+def admin_set_quota(
+    project: Annotated[str, typer.Argument(help="project name")],
+    gpus: Annotated[int | None, typer.Option(help="most GPUs its jobs hold at once (omit: no limit)")] = None,
+    jobs: Annotated[int | None, typer.Option(help="most jobs dispatched or running at once (omit: no limit)")]
+    = None,
+) -> None:
+    """Limit a project's concurrent GPUs and jobs (both omitted: lift its limits). Queued jobs over the quota
+    wait, with `quota: ...` as their wait_reason."""
+    from services.scheduler import quotas
+    from shared.db import check_schema, session_scope
+
+    check_schema()
+    with session_scope() as s:
+        quotas.set_quota(session=s, project_name=project, max_gpus=gpus, max_jobs=jobs)
+    limits = ", ".join(f"{n} {what}" for n, what in ((gpus, "GPUs"), (jobs, "jobs")) if n is not None)
+    typer.echo(f"project {project}: at most {limits} at once" if limits else f"project {project}: no limits")
+
+
+@admin_app.command("quotas")
+@friendly
+def admin_quotas() -> None:
+    """List the projects' quotas."""
+    from services.scheduler import quotas
+    from shared.db import session_scope
+
+    with session_scope() as s:
+        for name, q in quotas.list_quotas(session=s):
+            typer.echo(f"{name}  gpus={'-' if q.max_gpus is None else q.max_gpus}  "
+                       f"jobs={'-' if q.max_jobs is None else q.max_jobs}")
+
+
 # --- client verbs -----------------------------------------------------------------------------------------------
 def _parse_sets(sets: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
@@ -286,7 +319,8 @@ def jobs(status: Annotated[list[str] | None, typer.Option(help="filter by status
     page = Client().jobs(status=status, kind=kind, experiment=experiment, limit=limit)
     typer.echo(f"{'ID':36}  {'KIND':10} {'STATUS':10} {'PROGRESS':>8}  NAME")
     for j in page["items"]:
-        typer.echo(f"{j['id']:36}  {j['kind']:10} {j['status']:10} {j['progress'] * 100:7.1f}%  {j['name'] or ''}")
+        typer.echo(f"{j['id']:36}  {j['kind']:10} {j['status']:10} {j['progress'] * 100:7.1f}%  {j['name'] or ''}"
+                   + (f"  ({j['wait_reason']})" if j.get("wait_reason") else ""))
     typer.echo(f"({len(page['items'])} of {page['total']})")
 
 
@@ -295,6 +329,21 @@ def jobs(status: Annotated[list[str] | None, typer.Option(help="filter by status
 def show(job_id: str) -> None:
     """Print a job as JSON."""
     typer.echo(json.dumps(Client().job(job_id), indent=2))
+
+
+@app.command()
+@friendly
+def status(job_id: str) -> None:
+    """One line: the job's status, progress, and why it waits (quota, capacity, dependencies) if it does."""
+    j = Client().job(job_id)
+    line = f"job {j['id']} {j['status']}"
+    if j["status"] == "running":
+        line += f" {j['progress'] * 100:.1f}%"
+    if j.get("wait_reason"):
+        line += f": {j['wait_reason']}"
+    elif j.get("status_reason"):
+        line += f": {j['status_reason']}"
+    typer.echo(line)
 
 
 @app.command()

@@ -14,6 +14,7 @@ from services.api.deps import ProjectDep, SessionDep
 from services.jobs import service
 from services.jobs.examples import SUBMIT_EXAMPLES
 from services.jobs.schemas import EventRead, JobRead, JobsPage, JobSubmit
+from services.scheduler.quotas import wait_reason
 from shared.db import session_scope
 from shared.models import JobStatus
 from shared.specs import JobSpecBase
@@ -24,6 +25,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 def _read(session: SessionDep, job: object) -> JobRead:
     out = JobRead.model_validate(job)
     out.depends_on = service.parents_of(session=session, job_id=out.id)
+    out.wait_reason = wait_reason(session, job)  # type: ignore[arg-type]  # a Job row
     return out
 
 

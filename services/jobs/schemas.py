@@ -24,6 +24,8 @@ class JobRead(BaseModel):
     experiment_id: uuid.UUID
     status: JobStatus
     status_reason: str | None
+    # Why a pending or queued job has not started (services/scheduler/quotas.py): quota, capacity, dependencies.
+    wait_reason: str | None = None
     priority: int
     attempt: int
     infra_failures: int

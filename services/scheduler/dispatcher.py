@@ -1,7 +1,13 @@
-"""Outbox → Celery. A broker outage delays jobs but loses none: unpublished rows simply wait.
+"""Outbox → Celery, admitting jobs by quota, fair share and free GPUs. A broker outage delays jobs but loses none:
+unpublished rows simply wait.
 
-Selection is per queue: each queue's best rows (priority, then age) are ranked separately, so a queue holding
-hundreds of high-priority jobs never keeps another queue's job waiting.
+One cycle: take the dispatch lock, read the snapshot (services/scheduler/snapshot.py: per-project heads with
+LIMIT, never the whole queue), let ``admission.plan`` decide (a pure function; the simulator calls the same one),
+publish what it admits, store why the rest wait (``jobs.wait_reason``, written only when it changed) and flag the
+jobs it preempts. Several scheduler replicas are safe: the decision runs under a transaction-scoped Postgres
+advisory lock taken with ``pg_try_advisory_xact_lock`` (a replica that does not get it skips the cycle, as the
+holder is dispatching), so two replicas never both spend the same free GPUs or quota; the outbox rows are also
+locked ``FOR UPDATE SKIP LOCKED`` and re-checked, so a message is published once per attempt.
 """
 
 from __future__ import annotations
@@ -9,104 +15,116 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import timedelta
+from typing import Any
 
 from celery import Celery
-from sqlalchemy import func, select
+from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.orm import Session
 
+from services.scheduler import snapshot
+from services.scheduler.admission import Plan, plan
 from shared.celery_app import RUN_JOB_TASK
 from shared.config import Settings
-from shared.kinds import WORKER_KINDS, queue_for
-from shared.lifecycle import dispatch
-from shared.models import Job, JobStatus, Outbox, Worker, utcnow
+from shared.lifecycle import add_event, dispatch
+from shared.models import Job, JobStatus, Outbox, utcnow
 
 log = logging.getLogger(__name__)
+
+_JOBS: Table = Job.__table__  # type: ignore[assignment]  # a Table: a Core UPDATE executemany over its rows
+DISPATCH_LOCK = 0x6372_7563_6962  # "crucib": the advisory lock key every scheduler replica uses
 
 
 @dataclass
 class DispatchStats:
     published: int = 0
     skipped_stale: int = 0
-    held_by_window: int = 0
+    held_by_window: int = 0  # heads read this cycle that the plain queues' windows held back
+    waiting: int = 0  # heads read this cycle that wait (quota, capacity, window)
+    preempted: int = 0
+    lock_busy: bool = False  # another replica was dispatching: this one skipped the cycle
     broker_error: str | None = None
     per_queue: Counter[str] = field(default_factory=Counter)
 
 
-def idle_workers_by_kind(session: Session, settings: Settings) -> Counter[str]:
-    """Idle workers with a fresh heartbeat, per worker kind they serve."""
-    fresh = utcnow() - timedelta(seconds=3 * settings.HEARTBEAT_SECONDS)
-    counts: Counter[str] = Counter()
-    for kinds, in session.execute(
-        select(Worker.kind).where(Worker.last_heartbeat_at >= fresh, Worker.current_job_id.is_(None))
-    ):
-        for k in kinds.split(","):
-            counts[k] += 1
-    return counts
-
-
-def _free_slots(session: Session, settings: Settings) -> dict[str, int]:
-    """Per queue: how many more messages may be in flight (window + idle workers - already dispatched)."""
-    in_flight: Counter[str] = Counter(dict(session.execute(
-        select(Job.worker_kind, func.count()).where(Job.status == JobStatus.DISPATCHED).group_by(Job.worker_kind)
-    ).all()))
-    idle = idle_workers_by_kind(session, settings)
-    return {queue_for(k): settings.QUEUE_WINDOW + idle.get(k, 0) + idle.get("all", 0) - in_flight[k]
-            for k in WORKER_KINDS}
-
-
-def _candidates(session: Session, free: dict[str, int], batch: int) -> tuple[list[int], int]:
-    """Outbox ids of each queue's best rows, at most that queue's free slots (ROW_NUMBER per queue), and how
-    many runnable rows the windows hold back."""
-    limit = min(batch, max(free.values(), default=0))
-    rank = func.row_number().over(partition_by=Outbox.queue, order_by=(Outbox.priority.desc(), Outbox.id))
-    total = func.count().over(partition_by=Outbox.queue)
-    ranked = (select(Outbox.id, Outbox.queue, rank.label("rn"), total.label("total"))
-              .join(Job, Job.id == Outbox.job_id)
-              .where(Outbox.published_at.is_(None), Job.status == JobStatus.QUEUED, Job.attempt == Outbox.attempt)
-              .subquery())
-    rows = session.execute(select(ranked.c.id, ranked.c.queue, ranked.c.rn, ranked.c.total)
-                           .where(ranked.c.rn <= max(limit, 1))).all()
-    ids = [oid for oid, queue, rn, _ in rows if rn <= free.get(queue, 0)]
-    totals = {queue: n for _, queue, _, n in rows}
-    held = sum(max(0, n - max(free.get(q, 0), 0)) for q, n in totals.items())
-    return ids, held
+def _take_lock(session: Session) -> bool:
+    if session.get_bind().dialect.name != "postgresql":
+        return True  # SQLite (embedded, one scheduler) serialises writers itself
+    return bool(session.scalar(select(func.pg_try_advisory_xact_lock(DISPATCH_LOCK))))
 
 
 def dispatch_once(session: Session, celery: Celery, settings: Settings, *, batch: int = 200) -> DispatchStats:
     stats = DispatchStats()
-    free = _free_slots(session, settings)
-    ids, stats.held_by_window = _candidates(session, free, batch)
-    if not ids:
+    if not _take_lock(session):
+        stats.lock_busy = True
         return stats
-    rows = session.execute(
-        select(Outbox, Job).join(Job, Job.id == Outbox.job_id)
-        .where(Outbox.id.in_(ids), Outbox.published_at.is_(None))
-        .order_by(Outbox.priority.desc(), Outbox.id)
-        .with_for_update(of=Outbox, skip_locked=True)
-    ).all()
     now = utcnow()
-    for outbox, job in rows:
-        if job.status != JobStatus.QUEUED or job.attempt != outbox.attempt:  # changed since it was ranked
+    snap, heads = snapshot.build(session, settings, now=now)
+    if not snap.candidates:
+        return stats
+    decided = plan(snap, snapshot.policy_from_settings(settings))
+    _publish(session, celery, decided, heads, stats, batch=batch, now=now)
+    _record_waiting(session, decided, heads, stats)
+    _request_preemption(session, decided, stats)
+    return stats
+
+
+def _publish(session: Session, celery: Celery, decided: Plan, heads: dict[Any, snapshot.Head], stats: DispatchStats,
+             *, batch: int, now: Any) -> None:
+    chosen = decided.dispatch[:batch]
+    if not chosen:
+        return
+    pool_of = {c.job_id: pool for c, pool in chosen}
+    rows = {o.id: (o, j) for o, j in session.execute(
+        select(Outbox, Job).join(Job, Job.id == Outbox.job_id)
+        .where(Outbox.id.in_([heads[c.job_id].outbox_id for c, _ in chosen]), Outbox.published_at.is_(None))
+        .with_for_update(of=Outbox, skip_locked=True)
+    ).all()}
+    for c, _ in chosen:  # in the plan's order
+        got = rows.get(heads[c.job_id].outbox_id)
+        if got is None:  # another transaction holds or published it
+            continue
+        outbox, job = got
+        if job.status != JobStatus.QUEUED or job.attempt != outbox.attempt:  # changed since it was read
             outbox.published_at, outbox.last_error = now, f"skipped: job is {job.status.value}, attempt {job.attempt}"
             stats.skipped_stale += 1
             continue
-        if free.get(outbox.queue, 0) <= 0:
-            stats.held_by_window += 1
-            continue
+        pool = pool_of[c.job_id]
+        queue = snapshot.pool_queue(pool) if pool else outbox.queue
         try:
-            celery.send_task(RUN_JOB_TASK, args=[str(job.id), job.attempt], queue=queue_for(job.worker_kind),
-                             retry=False)
+            celery.send_task(RUN_JOB_TASK, args=[str(job.id), job.attempt], queue=queue, retry=False)
         except Exception as e:  # broker down: keep the row, try again next cycle
             outbox.publish_attempts += 1
             outbox.last_error = f"{type(e).__name__}: {e}"[:1000]
             stats.broker_error = outbox.last_error
-            log.warning("broker unavailable, %d job(s) wait in the outbox: %s", len(rows), outbox.last_error)
+            log.warning("broker unavailable, %d job(s) wait in the outbox: %s", len(chosen), outbox.last_error)
             break
         outbox.published_at = now
         outbox.publish_attempts += 1
-        dispatch(session, job, queue=outbox.queue, at=now)
-        free[outbox.queue] -= 1
+        job.pool, job.wait_reason, job.preempt_requested = pool, None, False
+        dispatch(session, job, queue=queue, at=now)
         stats.published += 1
-        stats.per_queue[outbox.queue] += 1
-    return stats
+        stats.per_queue[queue] += 1
+
+
+def _record_waiting(session: Session, decided: Plan, heads: dict[Any, snapshot.Head], stats: DispatchStats) -> None:
+    """Store why each head waits, only where it changed (a stable reason costs no write per cycle)."""
+    stats.waiting = len(decided.waiting)
+    stats.held_by_window = sum("queue window" in r for r in decided.waiting.values())
+    changed = [{"jid": jid, "reason": reason[:2000]} for jid, reason in decided.waiting.items()
+               if heads[jid].wait_reason != reason[:2000]]
+    if changed:
+        session.execute(update(_JOBS).where(_JOBS.c.id == bindparam("jid"), _JOBS.c.status == JobStatus.QUEUED.value)
+                        .values(wait_reason=bindparam("reason")), changed)
+
+
+def _request_preemption(session: Session, decided: Plan, stats: DispatchStats) -> None:
+    """Ask the victims' supervisors to stop (SIGTERM → checkpoint → re-queue as the next attempt)."""
+    if not decided.preempt:
+        return
+    for job in session.scalars(select(Job).where(Job.id.in_(decided.preempt), Job.status == JobStatus.RUNNING,
+                                                 Job.preempt_requested.is_(False)).with_for_update(skip_locked=True)):
+        job.preempt_requested = True
+        for_job = next((jid for pool, jid in decided.reserved.items() if pool == job.pool), None)
+        add_event(session, job.id, job.attempt, "preempt_requested", pool=job.pool,
+                  for_job=str(for_job) if for_job else None)
+        stats.preempted += 1

@@ -26,6 +26,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -65,6 +66,12 @@ class Job(UUIDPk, Timestamped, Base):
         UniqueConstraint("project_id", "idempotency_key"),
         Index("ix_jobs_project_status", "project_id", "status"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        # The dispatcher's per-project heads (services/scheduler/snapshot.py): an index probe per project and
+        # worker kind, LIMIT k, whatever the queue's length. Partial: only queued rows are in it. Postgres only:
+        # the embedded stack (SQLite) ranks its few rows with ROW_NUMBER.
+        Index("ix_jobs_queued_heads", "project_id", "worker_kind", text("priority DESC"), "queued_at", "id",
+              postgresql_where=text("status = 'queued'")).ddl_if(dialect="postgresql"),
+        Index("ix_jobs_finished_at", "finished_at"),  # recent GPU usage (fair share) reads a time window
     )
 
     # Columns: ownership
@@ -92,6 +99,12 @@ class Job(UUIDPk, Timestamped, Base):
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     # Why a stop was requested, when it is not a plain cancel: "pruned" (a sweep's pruner) ends as pruned.
     stop_reason: Mapped[str | None] = mapped_column(String(16), default=None)
+    # The scheduler asked this attempt to stop for a higher-priority job (checkpoint, re-queue, resume).
+    preempt_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    # Columns: scheduling (services/scheduler/admission.py)
+    pool: Mapped[str | None] = mapped_column(String(64), default=None)  # GPU pool it was dispatched to
+    wait_reason: Mapped[str | None] = mapped_column(Text, default=None)  # why a queued job has not started
 
     # Columns: the current attempt's lease
     worker_id: Mapped[str | None] = mapped_column(String(200), default=None)

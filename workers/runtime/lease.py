@@ -28,6 +28,7 @@ class LeaseKeeper:
         self.lost = threading.Event()
         self.cancel_requested = False
         self.stop_reason: str | None = None  # "pruned": the stop is the job's sweep pruning it
+        self.preempt_requested = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"lease-{job_id}", daemon=True)
 
@@ -55,6 +56,7 @@ class LeaseKeeper:
         if state.held:
             self.cancel_requested = state.cancel_requested
             self.stop_reason = state.stop_reason
+            self.preempt_requested = state.preempt_requested
             return
         if not self.lost.is_set():
             log.warning("job %s attempt %d: lease lost; this attempt will write nothing more", self.job_id,

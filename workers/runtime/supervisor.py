@@ -305,6 +305,8 @@ def _watch(a: Attempt, keeper: LeaseKeeper, *, relay: EventRelay, worker_id: str
                     stop_reason = "deadline"
                 elif SHUTDOWN.is_set():
                     stop_reason = "shutdown"
+                elif keeper.preempt_requested:  # the scheduler's preemption (CRUCIBLE_PREEMPTION)
+                    stop_reason = "preempt"
                 if stop_reason is not None:
                     log.info("job %s: stopping child (%s): SIGTERM, then SIGKILL after %.0fs", a.job_id,
                              stop_reason, settings.CANCEL_GRACE_SECONDS)
@@ -355,7 +357,8 @@ def classify(rc: int, stop_reason: str | None, max_runtime_s: float, tail: list[
     if rc == EXIT_OK:
         return lifecycle.SUCCEEDED, None
     if rc == EXIT_PREEMPTED:
-        why = "worker shutting down" if stop_reason == "shutdown" else "method stopped on SIGTERM"
+        why = {"shutdown": "worker shutting down", "preempt": "the scheduler needs its GPUs"}.get(
+            stop_reason or "", "method stopped on SIGTERM")
         return lifecycle.PREEMPTED, f"preempted ({why}) after checkpointing"
     if rc == EXIT_CONFIG:
         return lifecycle.CONFIG_ERROR, last_error or "the job cannot run as specified"
