@@ -95,21 +95,14 @@ def parse_captions(data: bytes, *, images: set[str] | None = None) -> list[Capti
     return records
 
 
-def validate_archive_captions(path: Path) -> dict[str, Any]:
-    """Check ``captions.jsonl`` of an (already inspected) ImageFolder archive; returns the dataset stats to add.
-
-    Caption paths may be written relative to the archive root or below its wrapping folder.
-
-    Raises:
-        CaptionError: no captions file, or a bad line.
-    """
+def _archive_captions(path: Path) -> tuple[bytes | None, str, set[str]]:
+    """(captions.jsonl bytes or None, where it was found, the archive's image paths)."""
     from shared.data.archives import _iter_entries, detect_format, is_image_name, is_junk
 
-    fmt = detect_format(path)
     images: set[str] = set()
     captions: bytes | None = None
     found_at = ""
-    for entry, open_fn in _iter_entries(path, fmt):
+    for entry, open_fn in _iter_entries(path, detect_format(path)):
         if entry.is_dir or is_junk(entry.path):
             continue
         if is_image_name(entry.path):
@@ -120,6 +113,29 @@ def validate_archive_captions(path: Path) -> dict[str, Any]:
             with open_fn() as f:
                 captions = f.read(MAX_CAPTIONS_BYTES + 1)
             found_at = entry.path
+    return captions, found_at, images
+
+
+def extract_captions(archive: Path, dest: Path) -> None:
+    """Write the archive's captions file to ``dest/captions.jsonl`` (beside the images ``extract_archive``
+    wrote); kept if extraction already put it there."""
+    target = Path(dest) / CAPTIONS_FILE
+    if target.exists():
+        return
+    captions, _, _ = _archive_captions(Path(archive))
+    if captions is not None:
+        target.write_bytes(captions)
+
+
+def validate_archive_captions(path: Path) -> dict[str, Any]:
+    """Check ``captions.jsonl`` of an (already inspected) ImageFolder archive; returns the dataset stats to add.
+
+    Caption paths may be written relative to the archive root or below its wrapping folder.
+
+    Raises:
+        CaptionError: no captions file, or a bad line.
+    """
+    captions, found_at, images = _archive_captions(Path(path))
     if captions is None:
         raise CaptionError(0, f"missing: a captioned dataset needs {CAPTIONS_FILE} at the root of the archive "
                               '(one {"image": "<path in the archive>", "caption": "<text>"} per line)')

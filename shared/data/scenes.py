@@ -151,7 +151,7 @@ def _render(rng: np.random.Generator, attrs: dict[str, str]) -> np.ndarray:
     img_ss = np.where(mask[..., None], fg, bg)
     img = img_ss.reshape(SIZE, 2, SIZE, 2, 3).mean(axis=(1, 3))
     img += _NOISE_STD * rng.standard_normal(img.shape).astype(np.float32)
-    return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    return np.asarray(np.clip(np.rint(img), 0, 255), dtype=np.uint8)
 
 
 def generate(num: int, seed: int, *, held_out: bool, missing: float = MISSING_CAPTION) -> Scenes:
