@@ -72,6 +72,8 @@ class Layout:
     prefix: str  # stripped wrapping directory ("" when none), e.g. "mydata/"
     split_layout: bool  # train/<class>/... (True) or <class>/... (False)
     ignored: list[str]
+    # Non-image files at the dataset root (a manifest, a captions file): extracted beside train/ and test/.
+    sidecars: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -147,6 +149,7 @@ def plan_layout(paths: Iterable[str]) -> Layout:
             raise ArchiveError(f"image {p!r} is not inside a class folder; use <class>/<image> or "
                                "train/<class>/<image>")
         ignored.append(p)
+    sidecars = [p for p in root_files if p.count("/") == prefix.count("/")]
 
     by_top: dict[str, list[str]] = {}
     for p in rel:
@@ -198,6 +201,7 @@ def plan_layout(paths: Iterable[str]) -> Layout:
         train=[(p, index[c]) for p, c in per_split["train"]],
         test=[(p, index[c]) for p, c in per_split.get("test", [])],
         test_split=test_split, prefix=prefix, split_layout=split_layout, ignored=sorted(ignored),
+        sidecars=sidecars,
     )
 
 
@@ -402,6 +406,7 @@ def extract_archive(path: str | Path, dest: str | Path, *, max_files: int = DEFA
     root = dest.resolve()
     targets = {p: f"{split}/{layout.classes[c]}/{_inner(p, layout)}"
                for split, items in (("train", layout.train), ("test", layout.test)) for p, c in items}
+    targets.update({p: p.rsplit("/", 1)[-1] for p in layout.sidecars})
     written = 0
     try:
         for entry, open_fn in _iter_entries(Path(path), report.format):
@@ -417,6 +422,8 @@ def extract_archive(path: str | Path, dest: str | Path, *, max_files: int = DEFA
     except BaseException:
         for sub in ("train", "test"):
             shutil.rmtree(root / sub, ignore_errors=True)
+        for p in layout.sidecars:
+            (root / p.rsplit("/", 1)[-1]).unlink(missing_ok=True)
         raise
     return report
 

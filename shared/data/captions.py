@@ -116,17 +116,6 @@ def _archive_captions(path: Path) -> tuple[bytes | None, str, set[str]]:
     return captions, found_at, images
 
 
-def extract_captions(archive: Path, dest: Path) -> None:
-    """Write the archive's captions file to ``dest/captions.jsonl`` (beside the images ``extract_archive``
-    wrote); kept if extraction already put it there."""
-    target = Path(dest) / CAPTIONS_FILE
-    if target.exists():
-        return
-    captions, _, _ = _archive_captions(Path(archive))
-    if captions is not None:
-        target.write_bytes(captions)
-
-
 def validate_archive_captions(path: Path) -> dict[str, Any]:
     """Check ``captions.jsonl`` of an (already inspected) ImageFolder archive; returns the dataset stats to add.
 

@@ -55,10 +55,6 @@ def prepare_dataset(ref: dict[str, Any], *, store: ObjectStore, settings: Settin
                 store.get_file(ref["key"], archive, bucket=ref.get("bucket"), sha256=ref["sha256"])
                 _fresh(target)
                 extract_archive(archive, target)
-                if (ref.get("stats") or {}).get("format") == "captioned":  # the captions beside the images
-                    from shared.data.captions import extract_captions
-
-                    extract_captions(archive, target)
                 archive.unlink(missing_ok=True)
                 (target / _COMPLETE).touch()
     elif source == "prefix":
