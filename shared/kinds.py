@@ -142,6 +142,13 @@ JOB_KIND_DECLARATIONS: tuple[JobKind, ...] = (
             "k-NN and linear-probe evaluation of any checkpoint"),
     JobKind("distill", "shared.specs.distill:DistillSpec", "distiller", "workers.distiller.train:run",
             "knowledge distillation (SimReg, CompRess)"),
+    JobKind("clip-train", "shared.specs.clip:ClipTrainSpec", "clip-bow-trainer", "workers.clip_bow.train:run",
+            "CLIP-style training on full or bag-of-words captions (A Fistful of Words)"),
+    JobKind("clip-pseudo-caption", "shared.specs.clip:ClipPseudoCaptionSpec", "clip-bow-trainer",
+            "workers.clip_bow.pseudo:run", "pseudo-BoW captions for uncaptioned images -> a captioned dataset",
+            outputs={"dataset": "dataset"}),
+    JobKind("clip-eval", "shared.specs.clip:ClipEvalSpec", "clip-bow-trainer", "workers.clip_bow.eval_job:run",
+            "zero-shot classification and image-text retrieval of a clip-train checkpoint"),
 )
 
 _worker_kinds: dict[str, WorkerKind] = {w.name: w for w in WORKER_KIND_DECLARATIONS}
