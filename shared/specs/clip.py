@@ -114,8 +114,9 @@ class ClipTrainSpec(JobSpecBase, ClipDataFields):
     @model_validator(mode="after")
     def _divisible(self) -> ClipTrainSpec:
         if self.batch_size % self.accum_freq:
+            fit = self.batch_size // self.accum_freq * self.accum_freq or self.accum_freq
             raise ValueError(f"batch_size={self.batch_size} is not a multiple of accum_freq={self.accum_freq}; "
-                             f"try batch_size={self.batch_size // self.accum_freq * self.accum_freq or self.accum_freq}")
+                             f"try batch_size={fit}")
         if self.text_width % self.text_heads:
             raise ValueError(f"text_width={self.text_width} is not a multiple of text_heads={self.text_heads}")
         return self
@@ -153,6 +154,7 @@ class ClipPseudoCaptionSpec(JobSpecBase, ClipDataFields):
 
 
 ClipProtocol = Literal["zero-shot", "retrieval"]
+CLIP_PROTOCOLS: tuple[ClipProtocol, ...] = ("retrieval", "zero-shot")
 
 
 class ClipEvalSpec(JobSpecBase, ClipDataFields):
@@ -165,7 +167,7 @@ class ClipEvalSpec(JobSpecBase, ClipDataFields):
 
     kind: Literal["clip-eval"] = "clip-eval"
     checkpoint: str = Field(description="job:<id> of a clip-train job or artifact:<id>")
-    protocols: list[ClipProtocol] = Field(default_factory=lambda: ["zero-shot", "retrieval"], min_length=1,
+    protocols: list[ClipProtocol] = Field(default_factory=lambda: list(CLIP_PROTOCOLS), min_length=1,
                                           max_length=2)
     zero_shot: ZeroShotOptions = Field(default_factory=ZeroShotOptions)
 

@@ -32,7 +32,8 @@ def test_upload_train_pseudo_caption_retrain_and_evaluate(platform):
                    "top_k": 4, "output_name": "e2e-scenes-pseudo"},
         "union": TRAIN | {"dataset": "${steps.pseudo.outputs.dataset}", "epochs": 1},
         "evaluate": {"kind": "clip-eval", "checkpoint": "${steps.union.checkpoint}", "dataset": "e2e-scenes",
-                     "zero_shot": {"attributes": ["shape", "colour", "class"], "templates": ["a photo of a {}.", "{}"]}},
+                     "zero_shot": {"attributes": ["shape", "colour", "class"],
+                                   "templates": ["a photo of a {}.", "{}"]}},
     }}
     r = platform.http.post("/v1/pipelines", json=pipeline)
     assert r.status_code == 201, r.text

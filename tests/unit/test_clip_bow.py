@@ -8,6 +8,7 @@ import json
 import math
 import tarfile
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -241,7 +242,7 @@ def test_captions_file_validation_names_the_line_and_reason() -> None:
 
 
 def test_archive_captions_at_the_root_or_below_a_wrapping_folder(tmp_path) -> None:
-    def tar(entries: dict[str, bytes]) -> object:
+    def tar(entries: dict[str, bytes]) -> Path:
         path = tmp_path / f"{len(list(tmp_path.iterdir()))}.tar"
         with tarfile.open(path, "w") as t:
             for name, data in entries.items():

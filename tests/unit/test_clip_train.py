@@ -23,9 +23,9 @@ def tiny_scenes(n_train: int = 256, n_test: int = 64) -> CaptionedData:
                          split(scenes.generate(n_test, 12, held_out=True)), scene_label_names(), "tiny")
 
 
-SPEC = dict(image_size=24, embed_dim=32, text_width=32, text_layers=1, text_heads=2, context_length=16,
-            batch_size=32, epochs=2, lr=2e-3, warmup_steps=2, captioned_fraction=0.5,
-            captions={"bow": True, "balance": "top_freq", "top_freq": 2})
+SPEC = {"image_size": 24, "embed_dim": 32, "text_width": 32, "text_layers": 1, "text_heads": 2,
+        "context_length": 16, "batch_size": 32, "epochs": 2, "lr": 2e-3, "warmup_steps": 2, "captioned_fraction": 0.5,
+        "captions": {"bow": True, "balance": "top_freq", "top_freq": 2}}
 
 
 def test_train_resume_pseudo_caption_and_reload(tmp_path) -> None:

@@ -82,7 +82,7 @@ def _folder(root: Path, image_size: int, name: str) -> CaptionedData:
         raise DatasetError(f"{root}: {e}") from e
     train, test = (layout.train, layout.test) if layout.test else holdout_split(layout.train)
     extra_dims = _attribute_dims(records)
-    label_names: dict[str, list[str]] = {"class": list(layout.classes)} | {k: v for k, v in extra_dims.items()}
+    label_names: dict[str, list[str]] = {"class": list(layout.classes), **extra_dims}
 
     def split(items: list[tuple[str, int]]) -> Split:
         images, classes = _decode(root, items, image_size)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from open_clip.loss import ClipLoss
+from open_clip.loss import ClipLoss  # type: ignore[import-untyped]  # no py.typed marker
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 

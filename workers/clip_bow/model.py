@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import Transformer
+from open_clip.transformer import Transformer  # type: ignore[import-untyped]  # no py.typed marker
 from torch import Tensor, nn
 
 from workers.vision.backbones import create_backbone
@@ -165,7 +165,8 @@ def clamp_logit_scale(model: ClipModel, max_scale: float = 100.0) -> None:
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on weight matrices / conv kernels / embeddings; none on gains, biases and
     the logit scale (every parameter with fewer than 2 dimensions, as open_clip's training script)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue

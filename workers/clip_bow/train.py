@@ -169,7 +169,8 @@ class ClipTrainMethod(Method[ClipTrainSpec]):
         return out
 
     def meta(self) -> dict[str, Any]:
-        return {"tower": self.tower.to_dict(), "vocab": self.vocab.words, "caption_ops": self.spec.captions.model_dump(),
+        return {"tower": self.tower.to_dict(), "vocab": self.vocab.words,
+                "caption_ops": self.spec.captions.model_dump(),
                 "counts": dict(self.counts), "seed": self.spec.seed, "image_size": self.spec.image_size,
                 "mean": list(self.mean), "std": list(self.std), "captioned_fraction": self.spec.captioned_fraction,
                 "dataset": self.spec.dataset}
