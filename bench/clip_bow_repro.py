@@ -60,6 +60,7 @@ def main() -> None:
 
     from shared.specs.clip import ClipPseudoCaptionSpec
     from workers.clip_bow.data import load_captioned
+    from workers.clip_bow.evaluate import evaluate
     from workers.clip_bow.pseudo import pseudo_caption
     from workers.clip_bow.train import Trainer
     from workers.runtime.local import LocalContext
@@ -89,6 +90,11 @@ def main() -> None:
         spec = spec_for(run, steps_per_epoch_images=n_images, args=args, fraction=fraction)
         trainer = Trainer(spec, train_data, ctx=LocalContext(spec))
         res = trainer.fit()
+        m = trainer.method  # the same model with prompts NOT sent through the caption operators (section 4.5)
+        raw, _ = evaluate(m.model, m.vocab, m.transform, m.data.test, m.data.label_names, mean=m.mean, std=m.std,
+                          attributes=["shape", "colour"], templates=list(spec.zero_shot.templates),
+                          protocols=["zero-shot"], transform_prompts=False, device=torch.device("cpu"))
+        extra |= {f"{k}_raw_prompt": v for k, v in raw.items() if k.endswith("top1")}
         if run == "bow+bal":
             torch.save(trainer.method.state_dict(), args.out / "bow+bal.pt")
         results[run] = {k: float(v) for k, v in res.items()} | extra | {
@@ -97,7 +103,8 @@ def main() -> None:
         results_file.write_text(json.dumps(results, indent=1))
         print(f"{run}: {json.dumps(results[run])}", flush=True)
     keys = [("zs_shape_top1", "zero-shot shape"), ("zs_colour_top1", "zero-shot colour"), ("i2t_R@1", "i->t R@1"),
-            ("t2i_R@1", "t->i R@1"), ("pseudo_word_precision", "pseudo-word precision")]
+            ("t2i_R@1", "t->i R@1"), ("zs_shape_top1_raw_prompt", "shape, raw prompt"),
+            ("pseudo_word_precision", "pseudo-word precision")]
     print("| run | images | steps | " + " | ".join(k[1] for k in keys) + " | time |")
     print("|---|---|---|" + "---|" * len(keys) + "---|")
     for run in RUNS:
