@@ -72,7 +72,10 @@ class ClipDataFields(StrictModel):
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, v: str) -> str:
-        return validate_dataset_ref(v)
+        v = validate_dataset_ref(v)
+        if v.startswith("builtin://") and v != "builtin://scenes":
+            raise ValueError(f"{v} has no captions: use builtin://scenes or a dataset uploaded with format=captioned")
+        return v
 
 
 class ClipTrainSpec(JobSpecBase, ClipDataFields):

@@ -272,6 +272,8 @@ def test_scenes_hold_out_shape_colour_pairs_and_are_deterministic() -> None:
     assert len({c for c in train.captions if c}) > 250  # varied wording
 
 
-def test_spec_rejects_accumulation_that_does_not_split() -> None:
+def test_spec_rejects_accumulation_that_does_not_split_and_uncaptioned_builtins() -> None:
     with pytest.raises(ValueError, match="multiple of accum_freq"):
         ClipTrainSpec(batch_size=10, accum_freq=4)
+    with pytest.raises(ValueError, match="has no captions"):
+        ClipTrainSpec(dataset="builtin://shapes")
