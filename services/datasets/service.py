@@ -89,7 +89,8 @@ def upload_archive(*, session: Session, project_id: uuid.UUID, name: str, path: 
                    store: ObjectStore, format: str = "images") -> Dataset:
     """Validate an ImageFolder archive, store it (content-addressed) and record it. Nothing is stored or
     written unless every check passes; a failed DB write removes the object it just stored."""
-    from shared.data.archives import ArchiveError, inspect_archive
+    from shared.data.archives import inspect_archive
+    from shared.data.layout import ArchiveError
 
     settings = get_settings()
     lowered = filename.lower()
@@ -189,7 +190,7 @@ def register_prefix(*, session: Session, project_id: uuid.UUID, name: str, uri: 
                       "limit", loc=["body", "uri"])
     from collections import Counter
 
-    from shared.data.archives import ArchiveError, holdout_size, plan_layout
+    from shared.data.layout import ArchiveError, holdout_size, plan_layout
 
     prefix = location.prefix
     try:

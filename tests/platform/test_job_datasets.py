@@ -106,7 +106,7 @@ def test_a_dataset_a_job_makes_is_versioned_with_lineage_named_as_an_output_and_
 
 
 def test_a_job_made_dataset_that_is_not_an_image_tree_is_refused_in_the_method(tmp_path):
-    from shared.data.archives import ArchiveError
+    from shared.data.layout import ArchiveError
 
     lines: list[str] = []
     ctx = _context(tmp_path / "work", uuid.uuid4(), lines)
