@@ -148,6 +148,13 @@ JOB_KIND_DECLARATIONS: tuple[JobKind, ...] = (
     JobKind("poison", "shared.specs.poison:PoisonSpec", "poison-scanner", "workers.poison_scanner.poison:run",
             "patch-trigger poisoning of a dataset (SSL-Backdoor; BadNets) -> a new dataset with a manifest",
             outputs={"dataset": "dataset"}),
+    JobKind("clip-train", "shared.specs.clip:ClipTrainSpec", "clip-bow-trainer", "workers.clip_bow.train:run",
+            "CLIP-style training on full or bag-of-words captions (A Fistful of Words)"),
+    JobKind("clip-pseudo-caption", "shared.specs.clip:ClipPseudoCaptionSpec", "clip-bow-trainer",
+            "workers.clip_bow.pseudo:run", "pseudo-BoW captions for uncaptioned images -> a captioned dataset",
+            outputs={"dataset": "dataset"}),
+    JobKind("clip-eval", "shared.specs.clip:ClipEvalSpec", "clip-bow-trainer", "workers.clip_bow.eval_job:run",
+            "zero-shot classification and image-text retrieval of a clip-train checkpoint"),
 )
 
 _worker_kinds: dict[str, WorkerKind] = {w.name: w for w in WORKER_KIND_DECLARATIONS}

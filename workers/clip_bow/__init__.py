@@ -1,0 +1,1 @@
+"""clip-bow-trainer: CLIP-style training on bag-of-words captions ("A Fistful of Words")."""
