@@ -21,9 +21,9 @@ import numpy as np
 from shared.specs.experts import ClusterSpec
 from workers.common.context import MethodContext
 from workers.common.faiss_ops import kmeans
-from workers.expert_trainer.embed import l2_normalise
-from workers.expert_trainer.routing import route
 from workers.runtime.context import JobConfigError
+from workers.text.embedders import l2_normalise
+from workers.text.expert_set import route
 
 
 def centroids_of(x: np.ndarray, assign: np.ndarray, k: int) -> np.ndarray:

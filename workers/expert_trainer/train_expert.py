@@ -28,10 +28,10 @@ from shared.specs.experts import TrainExpertSpec
 from workers.common.context import MethodContext
 from workers.common.loop import LoopConfig, LoopEnv, Method, StepOutput, TrainingLoop, TrainParts
 from workers.common.schedule import LrSchedule
-from workers.expert_trainer.embed import corpus_digest
 from workers.expert_trainer.lm import adapter_files, attach_lora, doc_nll, encode, pack, perplexity
 from workers.runtime.context import JobConfigError
 from workers.text.base_model import BaseLM, fingerprint, load_base
+from workers.text.embedders import corpus_digest
 
 
 def expert_documents(corpus: Corpus, clustering: dict[str, Any] | None,
