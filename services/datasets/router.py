@@ -33,6 +33,9 @@ _UPLOAD_DOC: dict[str, Any] = {
                     "type": "object", "required": ["name", "file"],
                     "properties": {
                         "name": {"type": "string", "pattern": NAME_PATTERN},
+                        "format": {"type": "string", "enum": ["images", "text"], "default": "images",
+                                   "description": "images: an ImageFolder archive; text: a corpus (.jsonl of "
+                                                  "{text, topic?, split?} or an archive of <topic>/<doc>.txt)"},
                         "file": {"type": "string", "format": "binary",
                                  "description": ".tar, .tar.gz/.tgz or .zip of <class>/<image> or train|test/<class>/"},
                     },
@@ -67,6 +70,10 @@ async def create_dataset(request: Request, project: ProjectDep, session: Session
     # The body is bounded by services.api.limits as it arrives; starlette spools the file part to disk.
     form = await request.form(max_files=1, max_fields=5)
     name, upload = form.get("name"), form.get("file")
+    fmt = form.get("format") or "images"
+    if fmt not in service.UPLOAD_FORMATS:
+        raise Invalid(f"unknown format {str(fmt)[:40]!r}; one of: {', '.join(service.UPLOAD_FORMATS)}",
+                      loc=["body", "format"])
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise Invalid("required: 1-128 letters, digits, '.', '_' or '-'", loc=["body", "name"])
     if not isinstance(upload, UploadFile) or not upload.filename:
@@ -79,7 +86,8 @@ async def create_dataset(request: Request, project: ProjectDep, session: Session
         if size == 0:
             raise Invalid("the uploaded file is empty", loc=["body", "file"])
         before = service.list_datasets(session=session, project_id=project.id)
-        ds = await run_in_threadpool(service.upload_archive, session=session, project_id=project.id, name=name,
+        upload_fn = service.upload_text if fmt == "text" else service.upload_archive
+        ds = await run_in_threadpool(upload_fn, session=session, project_id=project.id, name=name,
                                      path=path, filename=filename, store=store)
         if any(d.id == ds.id for d in before):
             response.status_code = status.HTTP_200_OK  # same name, same content: nothing new

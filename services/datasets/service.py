@@ -25,6 +25,7 @@ from shared.storage import CAS_PREFIX, ObjectStore, sha256_file
 
 log = logging.getLogger("crucible.datasets")
 
+UPLOAD_FORMATS = ("images", "text")  # the `format` form field of an upload
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MAX_VERSION = 2**31 - 1  # datasets.version is a 32-bit integer column
 _VERSION_RE = re.compile(r"[0-9]{1,10}")
@@ -53,6 +54,8 @@ def resolve_ref(*, session: Session, project_id: uuid.UUID, ref: str) -> dict[st
                            "version": ds.version, "artifact_id": str(art.id), "source": ds.source,
                            "bucket": art.bucket, "sha256": art.sha256, "stats": ds.stats}
     out["key" if ds.source == "archive" else "prefix"] = art.key
+    if art.meta.get("format"):
+        out["format"] = art.meta["format"]  # how the worker materialises it (absent: an ImageFolder)
     return out
 
 
@@ -107,6 +110,39 @@ def upload_archive(*, session: Session, project_id: uuid.UUID, name: str, path: 
     try:
         ds = _record(session, project_id=project_id, name=name, source="archive", bucket=obj.bucket, key=obj.key,
                      sha256=digest, size=obj.size, stats=stats, meta={"filename": filename})
+        session.commit()
+    except BaseException:
+        session.rollback()
+        if not already_stored and not _referenced(session, obj.key):
+            store.remove(obj.key)
+        raise
+    return ds
+
+
+def upload_text(*, session: Session, project_id: uuid.UUID, name: str, path: Path, filename: str,
+                store: ObjectStore) -> Dataset:
+    """Validate a text corpus (``shared.data.corpus``: JSONL or an archive of .txt files) and store its canonical
+    JSONL (every document with its split decided). Nothing is stored unless it validates."""
+    import tempfile
+
+    from shared.data.corpus import CorpusError, canonical_jsonl, read_upload
+
+    settings = get_settings()
+    with _inspection_slot():
+        try:
+            report = read_upload(path, filename, max_files=settings.MAX_ARCHIVE_FILES,
+                                 max_unpacked_bytes=settings.MAX_ARCHIVE_UNPACKED_BYTES)
+        except CorpusError as e:
+            raise Invalid(f"text corpus rejected: {e}", loc=["body", "file"]) from None
+    with tempfile.TemporaryDirectory(prefix="crucible-corpus-") as tmp:
+        canonical = Path(tmp) / "corpus.jsonl"
+        canonical.write_bytes(canonical_jsonl(report.corpus))
+        digest = sha256_file(canonical)
+        already_stored = store.exists(CAS_PREFIX + digest)
+        obj = store.put_file(canonical, sha256=digest)
+    try:
+        ds = _record(session, project_id=project_id, name=name, source="archive", bucket=obj.bucket, key=obj.key,
+                     sha256=digest, size=obj.size, stats=report.stats(), meta={"filename": filename, "format": "text"})
         session.commit()
     except BaseException:
         session.rollback()

@@ -82,7 +82,7 @@ class ClusterSpec(JobSpecBase):
 
 class LoraOptions(StrictModel):
     rank: int = Field(8, ge=1, le=1024)
-    alpha: float = Field(16.0, gt=0, le=4096)
+    alpha: int = Field(16, ge=1, le=4096, description="LoRA scaling numerator (scale = alpha / rank)")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=32,
                                       description="names of the base's linear layers to adapt")

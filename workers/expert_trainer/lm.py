@@ -60,10 +60,10 @@ def doc_nll(model: nn.Module, docs: list[list[int]], *, batch_size: int = 8, pad
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
         target = ids[:, 1:]
         valid = mask[:, 1:].bool()
-        lp = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-        lp = (lp * valid).sum(1).cpu().numpy()
+        tok_nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        per_doc = (tok_nll * valid).sum(1).cpu().numpy()
         for r, i in enumerate(idx):
-            nll[i], count[i] = lp[r], max(0, len(docs[i]) - 1)
+            nll[i], count[i] = per_doc[r], max(0, len(docs[i]) - 1)
     return nll, count
 
 

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_SEED = 20241013
@@ -40,7 +39,7 @@ _COMPLETE = ".complete"
 
 @dataclass
 class BaseLM:
-    model: nn.Module  # a transformers causal LM, eval mode, float32
+    model: Any  # a transformers causal LM (PreTrainedModel), eval mode, float32
     tokenizer: Any
     ref: str
     load_s: float
@@ -93,7 +92,7 @@ def converted_smollm2() -> Path:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
-        model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+        model: Any = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
         # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"); its weights are plain fp32 now.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
@@ -131,7 +130,7 @@ def tiny_tokenizer() -> Any:
                                    pad_token="<pad>", model_max_length=512)
 
 
-def tiny_random_lm() -> nn.Module:
+def tiny_random_lm() -> Any:
     """A 2-layer Llama (hidden 32, 2 heads) over the tiny tokenizer's 258 tokens, from a fixed seed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -192,7 +191,7 @@ def load_base(ref: str, *, device: torch.device | None = None) -> BaseLM:
     return BaseLM(model, tok, ref, time.perf_counter() - t0)
 
 
-def fingerprint(model: nn.Module) -> str:
+def fingerprint(model: Any) -> str:
     """sha256 of the model's config and the first and last 64 values of every tensor: cheap (no full hash of
     the weights) and different for any other base or any other initialisation."""
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())

