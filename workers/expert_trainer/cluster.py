@@ -132,7 +132,8 @@ def run(ctx: MethodContext[ClusterSpec]) -> None:
                          "test_assignments": np.asarray(test_assign, dtype=np.int64).tolist(),
                          "sizes": sizes, "merges": merges, "majority_topic": majority, "oracle": oracle,
                          "corpus_digest": emb["corpus_digest"], "embedder": emb["embedder"],
-                         "num_documents": len(splits)}, epoch=1, step=len(train), final=True)
+                         "num_documents": len(splits), "purity": result.get("purity")},
+                        epoch=1, step=len(train), final=True)
     save_output = getattr(ctx, "save_output", None)  # JobContext and LocalContext have it; the protocol not yet
     if save_output is not None:
         save_output("clusters", list(range(k)))

