@@ -119,11 +119,14 @@ def run(ctx: MethodContext[ClusterSpec]) -> None:
     have_topics = all(t is not None for t in topics)
     majority: dict[int, str] = {}
     oracle: dict[str, int] = {}
+    cluster_purity: dict[int, float] = {}
     if have_topics:
         train_topics = [topics[i] for i in train]
         result["purity"] = purity(assign, train_topics)
         majority = majority_topics(assign, train_topics)
         oracle = oracle_map(assign, train_topics)
+        cluster_purity = {c: sum(train_topics[i] == majority[c] for i in np.flatnonzero(assign == c)) / sizes[c]
+                          for c in majority}
         ctx.log(f"purity {result['purity']:.3f}; majority topics: "
                 + ", ".join(f"{c}:{t}({sizes[c]})" for c, t in sorted(majority.items())))
     ctx.log_metrics({f"cluster_size/{c}": float(n) for c, n in enumerate(sizes)} | result, step=0)
@@ -132,7 +135,8 @@ def run(ctx: MethodContext[ClusterSpec]) -> None:
                          "test_assignments": np.asarray(test_assign, dtype=np.int64).tolist(),
                          "sizes": sizes, "merges": merges, "majority_topic": majority, "oracle": oracle,
                          "corpus_digest": emb["corpus_digest"], "embedder": emb["embedder"],
-                         "num_documents": len(splits), "purity": result.get("purity")},
+                         "num_documents": len(splits), "purity": result.get("purity"),
+                         "cluster_purity": cluster_purity},
                         epoch=1, step=len(train), final=True)
     save_output = getattr(ctx, "save_output", None)  # JobContext and LocalContext have it; the protocol not yet
     if save_output is not None:

@@ -57,13 +57,15 @@ def assemble(directory: Path, *, name: str, clustering: dict[str, Any], experts:
     if empty:
         raise JobConfigError(f"cluster(s) {empty} are empty; re-run the clustering (min_cluster_size merges them)")
     majority = {int(c): t for c, t in (clustering.get("majority_topic") or {}).items()}
+    purity = {int(c): float(p) for c, p in (clustering.get("cluster_purity") or {}).items()}
     entries, sources = [], {}
     for c in range(k):
         eid = f"e{c}"
         src = write_adapter(by_cluster[c]["adapter_files"], directory / "_src" / eid)
         sources[eid] = src
         entries.append({"id": eid, "cluster": c, "adapter": f"adapters/{eid}", "size": int(sizes[c]),
-                        **({"topic": majority[c]} if c in majority else {})})
+                        **({"topic": majority[c]} if c in majority else {}),
+                        **({"topic_purity": purity[c]} if c in purity else {})})
     write_embedder(clustering["embedder"], directory)
     centroids = clustering["centroids"].float().numpy() if hasattr(clustering["centroids"], "numpy") else \
         np.asarray(clustering["centroids"], dtype=np.float32)
