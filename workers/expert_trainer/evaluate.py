@@ -50,7 +50,11 @@ def evaluate(spec: MoinEvalSpec, corpus: Corpus, expert_set: es.ExpertSet, oracl
              ctx: MethodContext[MoinEvalSpec], *, single_lora: dict[str, bytes] | None = None,
              base: Any | None = None) -> dict[str, float]:
     m = expert_set.manifest
-    base = base or load_base(m.base_model.ref)
+    if base is None:
+        from workers.common import device as dev
+
+        dev.configure_threads()
+        base = load_base(m.base_model.ref, device=dev.select_device())
     if m.base_model.sha256 and m.base_model.sha256 != fingerprint(base.model):
         raise JobConfigError(f"the base model {m.base_model.ref!r} loaded here is not the one the experts were "
                              "trained on (weight fingerprint differs)")

