@@ -155,6 +155,17 @@ JOB_KIND_DECLARATIONS: tuple[JobKind, ...] = (
             outputs={"dataset": "dataset"}),
     JobKind("clip-eval", "shared.specs.clip:ClipEvalSpec", "clip-bow-trainer", "workers.clip_bow.eval_job:run",
             "zero-shot classification and image-text retrieval of a clip-train checkpoint"),
+    # MoIN experts (shared/specs/experts.py): embed -> cluster -> train-expert x K -> expert-set; moin-eval
+    JobKind("embed", "shared.specs.experts:EmbedSpec", "expert-trainer", "workers.expert_trainer.embed:run",
+            "sentence embeddings of a text corpus (MiniLM, base LM mean-pool, TF-IDF+SVD)"),
+    JobKind("cluster", "shared.specs.experts:ClusterSpec", "expert-trainer", "workers.expert_trainer.cluster:run",
+            "spherical k-means of embeddings into topics; tiny clusters merged", outputs={"clusters": "list[value]"}),
+    JobKind("train-expert", "shared.specs.experts:TrainExpertSpec", "expert-trainer",
+            "workers.expert_trainer.train_expert:run", "one LoRA expert per cluster on the frozen base LM"),
+    JobKind("expert-set", "shared.specs.experts:ExpertSetSpec", "expert-trainer",
+            "workers.expert_trainer.expert_set:run", "assemble, version and register a servable expert set"),
+    JobKind("moin-eval", "shared.specs.experts:MoinEvalSpec", "expert-trainer", "workers.expert_trainer.evaluate:run",
+            "held-out perplexity: routed / oracle / random / base / single LoRA; routing accuracy"),
 )
 
 _worker_kinds: dict[str, WorkerKind] = {w.name: w for w in WORKER_KIND_DECLARATIONS}

@@ -85,6 +85,18 @@ class Tracker:
                      profile=json.dumps(profile or {}))
         self.client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", "train")])])
 
+    def register_model_version(self, name: str, *, source: str, run_id: str | None, tags: dict[str, str]) -> str:
+        """A new version of registered model ``name`` (created on first use) pointing at ``source``; returns it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, tags={"crucible.managed": "true"})
+        except MlflowException as e:  # it exists (the usual case after the first version)
+            if "RESOURCE_ALREADY_EXISTS" not in str(getattr(e, "error_code", "")) and "already exists" not in str(e):
+                raise
+        version = self.client.create_model_version(name, source=source, run_id=run_id, tags=tags)
+        return str(version.version)
+
     def log_metrics(self, run_id: str, points: Iterable[tuple[str, float, int]]) -> None:
         from mlflow.entities import Metric
 

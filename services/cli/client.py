@@ -117,10 +117,10 @@ class Client:
                 continue
 
     # --- datasets / artifacts ---
-    def upload_dataset(self, path: Path, *, name: str) -> dict[str, Any]:
+    def upload_dataset(self, path: Path, *, name: str, format: str = "images") -> dict[str, Any]:  # noqa: A002
         with open(path, "rb") as f:
-            return self._object("POST", "/v1/datasets", data={"name": name}, files={"file": (path.name, f)},
-                                timeout=None)
+            return self._object("POST", "/v1/datasets", data={"name": name, "format": format},
+                                files={"file": (path.name, f)}, timeout=None)
 
     def register_dataset(self, uri: str, *, name: str) -> dict[str, Any]:
         return self._object("POST", "/v1/datasets", json={"name": name, "uri": uri})

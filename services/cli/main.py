@@ -425,8 +425,10 @@ def _follow(job_id: str) -> dict[str, Any]:
 def datasets_upload(
     path: Annotated[Path, typer.Argument(help="ImageFolder directory or .tar/.tar.gz/.zip", exists=True)],
     name: Annotated[str | None, typer.Option(help="dataset name (default: folder name)")] = None,
+    format: Annotated[str, typer.Option("--format", help="images (ImageFolder) or text (a corpus: .jsonl of "  # noqa: A002
+                                        "{text, topic?, split?}, or <topic>/<doc>.txt files)")] = "images",
 ) -> None:
-    """Upload an ImageFolder dataset (<class>/<image> or train|test/<class>/<image>)."""
+    """Upload an ImageFolder dataset (<class>/<image> or train|test/<class>/<image>) or a text corpus."""
     name = name or path.name.split(".")[0]
     with tempfile.TemporaryDirectory() as tmp:
         archive = path
@@ -436,7 +438,12 @@ def datasets_upload(
             with tarfile.open(archive, "w:gz") as tar:
                 for child in sorted(path.iterdir()):
                     tar.add(child, arcname=child.name)
-        ds = Client(timeout=600).upload_dataset(archive, name=name)
+        ds = Client(timeout=600).upload_dataset(archive, name=name, format=format)
+    if format == "text":
+        typer.echo(f"dataset {ds['name']} v{ds['version']} ({ds['id']}): {ds['stats'].get('documents')} documents "
+                   f"({ds['stats'].get('train')} train / {ds['stats'].get('test')} test), "
+                   f"{ds['stats'].get('num_topics')} topics")
+        return
     typer.echo(f"dataset {ds['name']} v{ds['version']} ({ds['id']}): {ds['stats'].get('images')} images, "
                f"{ds['stats'].get('num_classes')} classes")
 

@@ -34,7 +34,9 @@ _UPLOAD_DOC: dict[str, Any] = {
                     "properties": {
                         "name": {"type": "string", "pattern": NAME_PATTERN},
                         "format": {"type": "string", "enum": list(service.FORMATS), "default": "images",
-                                   "description": "captioned: the archive also holds captions.jsonl at its root"},
+                                   "description": "images: an ImageFolder archive; captioned: the archive also holds "
+                                                  "captions.jsonl at its root; text: a corpus (.jsonl of "
+                                                  "{text, topic?, split?} or an archive of <topic>/<doc>.txt)"},
                         "file": {"type": "string", "format": "binary",
                                  "description": ".tar, .tar.gz/.tgz or .zip of <class>/<image> or train|test/<class>/"},
                     },
@@ -68,9 +70,10 @@ async def create_dataset(request: Request, project: ProjectDep, session: Session
     limit = get_settings().MAX_UPLOAD_BYTES
     # The body is bounded by services.api.limits as it arrives; starlette spools the file part to disk.
     form = await request.form(max_files=1, max_fields=5)
-    name, upload, fmt = form.get("name"), form.get("file"), form.get("format") or "images"
-    if not isinstance(fmt, str) or fmt not in service.FORMATS:
-        raise Invalid(f"format must be one of: {', '.join(service.FORMATS)}", loc=["body", "format"])
+                        "format": {"type": "string", "enum": list(service.FORMATS), "default": "images",
+                                   "description": "images: an ImageFolder archive; captioned: the archive also holds "
+                                                  "captions.jsonl at its root; text: a corpus (.jsonl of "
+                                                  "{text, topic?, split?} or an archive of <topic>/<doc>.txt)"},
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise Invalid("required: 1-128 letters, digits, '.', '_' or '-'", loc=["body", "name"])
     if not isinstance(upload, UploadFile) or not upload.filename:
@@ -83,8 +86,12 @@ async def create_dataset(request: Request, project: ProjectDep, session: Session
         if size == 0:
             raise Invalid("the uploaded file is empty", loc=["body", "file"])
         before = service.list_datasets(session=session, project_id=project.id)
-        ds = await run_in_threadpool(service.upload_archive, session=session, project_id=project.id, name=name,
-                                     path=path, filename=filename, store=store, format=fmt)
+        if fmt == "text":
+            ds = await run_in_threadpool(service.upload_text, session=session, project_id=project.id, name=name,
+                                         path=path, filename=filename, store=store)
+        else:
+            ds = await run_in_threadpool(service.upload_archive, session=session, project_id=project.id, name=name,
+                                         path=path, filename=filename, store=store, format=fmt)
         if any(d.id == ds.id for d in before):
             response.status_code = status.HTTP_200_OK  # same name, same content: nothing new
         return DatasetRead.model_validate(ds)

@@ -32,8 +32,9 @@ _VERSION_RE = re.compile(r"[0-9]{1,10}")
 UNKNOWN_LOCATION = ("no dataset location {uri} is available to this project: an operator grants prefixes with "
                     "`crucible admin grant-storage PROJECT s3://bucket/prefix/`, and the prefix must hold "
                     "<class>/<image> (or train/<class>/<image>) files")
-# Upload formats: "images" is an ImageFolder archive; "captioned" adds captions.jsonl (shared/data/captions.py).
-FORMATS: tuple[str, ...] = ("images", "captioned")
+# Upload formats (the `format` form field): "images" is an ImageFolder archive; "captioned" adds captions.jsonl
+# (shared/data/captions.py); "text" is a corpus (shared/data/corpus.py).
+FORMATS: tuple[str, ...] = ("images", "captioned", "text")
 _inspections: threading.BoundedSemaphore | None = None
 _inspections_lock = threading.Lock()
 
@@ -53,9 +54,10 @@ def resolve_ref(*, session: Session, project_id: uuid.UUID, ref: str) -> dict[st
         raise NotFound(UNKNOWN_LOCATION.format(uri=art.uri), loc=["body", "dataset"])
     out: dict[str, Any] = {"uri": f"dataset://{ds.id}", "dataset_id": str(ds.id), "name": ds.name,
                            "version": ds.version, "artifact_id": str(art.id), "source": ds.source,
-                           "bucket": art.bucket, "sha256": art.sha256, "stats": ds.stats,
-                           "format": (art.meta or {}).get("format", "images")}
+                           "bucket": art.bucket, "sha256": art.sha256, "stats": ds.stats}
     out["key" if ds.source == "archive" else "prefix"] = art.key
+    if art.meta.get("format"):
+        out["format"] = art.meta["format"]  # how the worker materialises it (absent: an ImageFolder)
     return out
 
 
@@ -132,6 +134,39 @@ def _format_stats(format: str, path: Path) -> dict[str, Any]:
         except CaptionError as e:
             raise Invalid(f"captions rejected: {e}", loc=["body", "file"]) from None
     return {}
+
+
+def upload_text(*, session: Session, project_id: uuid.UUID, name: str, path: Path, filename: str,
+                store: ObjectStore) -> Dataset:
+    """Validate a text corpus (``shared.data.corpus``: JSONL or an archive of .txt files) and store its canonical
+    JSONL (every document with its split decided). Nothing is stored unless it validates."""
+    import tempfile
+
+    from shared.data.corpus import CorpusError, canonical_jsonl, read_upload
+
+    settings = get_settings()
+    with _inspection_slot():
+        try:
+            report = read_upload(path, filename, max_files=settings.MAX_ARCHIVE_FILES,
+                                 max_unpacked_bytes=settings.MAX_ARCHIVE_UNPACKED_BYTES)
+        except CorpusError as e:
+            raise Invalid(f"text corpus rejected: {e}", loc=["body", "file"]) from None
+    with tempfile.TemporaryDirectory(prefix="crucible-corpus-") as tmp:
+        canonical = Path(tmp) / "corpus.jsonl"
+        canonical.write_bytes(canonical_jsonl(report.corpus))
+        digest = sha256_file(canonical)
+        already_stored = store.exists(CAS_PREFIX + digest)
+        obj = store.put_file(canonical, sha256=digest)
+    try:
+        ds = _record(session, project_id=project_id, name=name, source="archive", bucket=obj.bucket, key=obj.key,
+                     sha256=digest, size=obj.size, stats=report.stats(), meta={"filename": filename, "format": "text"})
+        session.commit()
+    except BaseException:
+        session.rollback()
+        if not already_stored and not _referenced(session, obj.key):
+            store.remove(obj.key)
+        raise
+    return ds
 
 
 # Inspecting an archive decodes every image: a CPU-bound few seconds per upload. Bounded per process, so a

@@ -48,11 +48,13 @@ def output_types(kind: str) -> dict[str, str]:
     return {**BUILTIN_OUTPUTS, **declared}
 
 
-def ref_type(ref: Ref, step_kinds: dict[str, str]) -> str | None:
-    """The type of a step reference, or None when the step has no such output."""
-    if ref.output == "checkpoint":
-        return "model"
-    return output_types(step_kinds[ref.name]).get(ref.output)
+def ref_type(ref: Ref, step_kinds: dict[str, str], fanouts: frozenset[str] | set[str] = frozenset()) -> str | None:
+    """The type of a step reference, or None when the step has no such output. A reference to a fan-out step
+    (one of ``fanouts``) gathers its jobs' values in item order: ``T`` becomes ``list[T]``."""
+    typ = "model" if ref.output == "checkpoint" else output_types(step_kinds[ref.name]).get(ref.output)
+    if typ is not None and ref.name in fanouts:
+        return None if typ.startswith("list[") else f"list[{typ}]"
+    return typ
 
 
 def apply_params(value: Any, params: dict[str, Any], loc: list[str | int],
@@ -78,6 +80,7 @@ def compile_pipeline(steps: dict[str, Any], params: dict[str, Any], *, experimen
     if len(steps) > MAX_STEPS:
         raise PipelineInvalid([(base, f"{len(steps)} steps; at most {MAX_STEPS}")])
     step_kinds: dict[str, str] = {}
+    fanouts = {n for n, raw in steps.items() if isinstance(raw, dict) and raw.get("foreach") is not None}
     for name, raw in steps.items():
         if not STEP_NAME_RE.match(str(name)):
             problems.append(([*base, name], "step names are 1-64 lower-case letters, digits, '_' or '-'"))
@@ -133,11 +136,13 @@ def compile_pipeline(steps: dict[str, Any], params: dict[str, Any], *, experimen
             if ref.name == name:
                 problems.append((floc, f"step {name!r} cannot use its own outputs"))
                 continue
-            if steps[ref.name].get("foreach") is not None:
-                problems.append((floc, f"step {ref.name!r} fans out into several jobs; its outputs cannot be "
-                                       f"referenced (order after it with `after: [{ref.name}]`)"))
+            if steps[ref.name].get("foreach") is not None and ref_type(ref, step_kinds) not in (None, "model",
+                                                                                            "file", "dataset", "value"):
+                problems.append((floc, f"step {ref.name!r} fans out into several jobs; its list output "
+                                       f"{ref.output!r} cannot be gathered (its single-valued outputs and "
+                                       "`checkpoint` can: they become lists in item order)"))
                 continue
-            typ = ref_type(ref, step_kinds)
+            typ = ref_type(ref, step_kinds, fanouts)
             if typ is None:
                 have = ", ".join(["checkpoint", *(f"outputs.{o}" for o in output_types(step_kinds[ref.name]))])
                 problems.append((floc, f"step {ref.name!r} ({step_kinds[ref.name]}) has no output "
@@ -147,7 +152,7 @@ def compile_pipeline(steps: dict[str, Any], params: dict[str, Any], *, experimen
                 value_paths.append(path)
             graph[name].add(ref.name)
             edge_field.setdefault((name, ref.name), floc)
-        _validate_spec(name, spec, step_kinds, item_type, value_paths, sloc, problems)
+        _validate_spec(name, spec, step_kinds, item_type, value_paths, sloc, problems, fanouts)
         compiled[name] = {"kind": step_kinds[name], "spec": spec, "foreach": foreach, "after": after,
                           "cache": bool(raw.get("cache", False))}
     if problems:
@@ -192,14 +197,15 @@ def _foreach_type(foreach: Any, sloc: list[str | int], steps: dict[str, Any], st
 
 
 def _validate_spec(name: str, spec: dict[str, Any], step_kinds: dict[str, str], item_type: str | None,
-                   value_paths: list[Path], sloc: list[str | int], problems: list[tuple[list[str | int], str]]) -> None:
+                   value_paths: list[Path], sloc: list[str | int], problems: list[tuple[list[str | int], str]],
+                   fanouts: set[str]) -> None:
     """Validate with placeholders; errors at fields that take a run-time value are left to run time."""
 
     def placeholder(ref: Ref, path: Path) -> Any:
         if ref.scope == "item":
             return PLACEHOLDERS.get(item_type or "value", 1)
         if ref.scope == "steps":
-            typ = ref_type(ref, step_kinds) or "value"
+            typ = ref_type(ref, step_kinds, fanouts) or "value"
             if typ.startswith("list["):
                 return [PLACEHOLDERS[typ[5:-1]]]
             return PLACEHOLDERS[typ]
@@ -218,4 +224,10 @@ def _validate_spec(name: str, spec: dict[str, Any], step_kinds: dict[str, str], 
                 eloc = eloc[1:]  # the discriminated union's tag
             if any(tuple(eloc[:len(p)]) == p for p in skip) or any(loc == [*sloc, *eloc] for loc, _ in problems):
                 continue  # a run-time value, or a field already reported (its reference was wrong)
-            problems.append(([*sloc, *eloc], str(err["msg"]).removeprefix("Value error, ")))
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            gathered = next((r.name for p, r in refs_in(spec) if r.scope == "steps" and r.name in fanouts
+                             and tuple(eloc[:len(p)]) == p), None)
+            if gathered is not None:
+                msg += f" (step {gathered!r} fans out into several jobs: a reference to it is the list of its " \
+                       "jobs' values, in item order)"
+            problems.append(([*sloc, *eloc], msg))

@@ -9,6 +9,10 @@ Inside any string of a step's spec:
   ``ctx.save_output``);
 * ``${item}``                         in a fan-out step (``foreach``), the item this job runs for.
 
+A reference to a FAN-OUT step's ``checkpoint`` or single-valued output gathers it (a fan-in): the list of its
+jobs' values in item order (e.g. ``experts: ${steps.train.checkpoint}`` is ``[job:<id of item 0>, ...]``); the
+referencing step waits for every item.
+
 A string that is exactly one reference takes the referenced value with its type (a number stays a number, a
 list stays a list); a reference inside a longer string is interpolated as text.
 """

@@ -152,7 +152,11 @@ def _resolver(session: Session, steps: dict[str, PipelineStep], defn: dict[str, 
             return item
         if ref.scope != "steps":
             return KEEP
-        job = _parent_job(session, steps[ref.name])
+        if defn["steps"][ref.name].get("foreach") is not None:  # a fan-in: every item's value, in item order
+            return [value_of(ref, job) for _, job in current_jobs(session, steps[ref.name])]
+        return value_of(ref, _parent_job(session, steps[ref.name]))
+
+    def value_of(ref: Ref, job: Job) -> Any:
         if ref.output == "checkpoint":
             return f"job:{job.id}"
         if ref.output == "checkpoints":

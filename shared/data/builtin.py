@@ -31,7 +31,10 @@ BUILTIN_INFO: dict[str, dict[str, int]] = {
     "shapes": {"train": shapes.NUM_TRAIN, "test": shapes.NUM_TEST, "num_classes": len(shapes.CLASS_NAMES)},
     # captioned (shared.data.scenes); as an image dataset its label is the shape
     "scenes": {"train": scenes.NUM_TRAIN, "test": scenes.NUM_TEST, "num_classes": len(scenes.SHAPES)},
+    # a text corpus (workers/text/corpora.py builds it); listed here for its sizes at submit
+    "multidomain": {"train": 640, "test": 160, "num_classes": 4},
 }
+TEXT_BUILTINS = frozenset({"multidomain"})
 
 # What the augmentation recipes key on (shared/specs/recipes.py): the family of images and their source channels.
 BUILTIN_META: dict[str, dict[str, str | int]] = {
@@ -108,6 +111,9 @@ def load_builtin(name: str, *, image_size: int, limit_train: int | None = None,
                  limit_test: int | None = None) -> ImageDataset:
     """Load a builtin dataset resized to ``image_size`` (grey sets are replicated to 3 channels)."""
     name = builtin_name(name)
+    if name in TEXT_BUILTINS:
+        raise DatasetError(f"builtin://{name} is a text corpus, not images; use it with the expert-trainer's kinds "
+                           "(embed, cluster, train-expert, moin-eval)")
     path = _cache_path(name, image_size, limit_train, limit_test)
     if path is not None and path.is_file():
         try:

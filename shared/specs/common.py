@@ -14,6 +14,7 @@ BUILTIN_DATASETS: dict[str, str] = {
     "shapes": "procedural 10-class 32x32 colour shapes (deterministic; 5,000 train / 1,000 test)",
     "scenes": "procedural captioned 48x48 scenes (shape, colour, size, position, texture, count; 8,000 train / "
               "1,200 test on held-out shape-colour pairs)",
+    "multidomain": "text: news, Wikipedia, Python docstrings and license passages (4 topics; 640 train / 160 test)",
 }
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: '$' would allow a trailing newline

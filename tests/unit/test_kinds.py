@@ -134,6 +134,7 @@ def test_every_builtin_kind_resolves() -> None:
     names = [k.name for k in kinds.job_kinds()]
     assert names[:3] == ["ssl-train", "eval", "distill"] and "poison" in names
     assert {"clip-train", "clip-pseudo-caption", "clip-eval"} <= set(names)
+    assert {"embed", "cluster", "train-expert", "expert-set", "moin-eval"} <= set(names)
     for k in kinds.job_kinds():
         assert k.spec_model().model_fields["kind"].default == k.name
         assert importlib.util.find_spec(k.entry_point.partition(":")[0]) is not None, k.entry_point

@@ -34,6 +34,7 @@ class EventRelay:
         self._points: list[tuple[str, float, int]] = []
         self._tags: dict[str, str] = {}
         self._outputs: dict[str, Any] = {}
+        self._registrations: list[dict[str, str]] = []  # model-registry versions to create once committed
         self._progress: tuple[float, float | None] | None = None
         self._last_progress_event: dict[str, Any] | None = None
         # Lineage: checkpoints descend from the dataset they were trained on and from the previous checkpoint.
@@ -103,6 +104,7 @@ class EventRelay:
         if self._events or self._artifacts or self._progress:
             settings = get_settings()
             frac, eta = self._progress if self._progress else (None, None)
+            self._registrations = []  # made again by this batch's artifacts (a failed batch is retried whole)
             try:
                 with session_scope() as s:
                     lifecycle.fence(s, job_id=self.job_id, attempt=self.attempt, worker_id=self.worker_id,
@@ -127,6 +129,7 @@ class EventRelay:
             self._artifacts.clear()
             self._outputs.clear()
             self._progress = None
+        self._register_models()
         self._flush_mlflow()
         return True
 
@@ -139,6 +142,7 @@ class EventRelay:
         self.dropped_events += len(self._events) + (self._last_progress_event is not None)
         self.dropped_artifacts += len(self._artifacts)
         self._outputs.clear()
+        self._registrations.clear()
         self._events.clear()
         self._artifacts.clear()
         self._points.clear()
@@ -157,8 +161,26 @@ class EventRelay:
                        name=f"checkpoint-epoch{art.get('epoch')}" if is_ckpt else art.get("name", "file"),
                        bucket=bucket, key=art["key"], sha256=art.get("sha256"), size_bytes=int(art.get("size", 0)),
                        job_id=self.job_id, attempt=self.attempt, meta=meta)
+        if not is_ckpt and meta.get("register_model"):
+            # a versioned model (e.g. an expert set): version n of its name in the project, mirrored as version
+            # of the MLflow registered model "<project>.<name>" once this transaction has committed
+            from sqlalchemy import func, select
+
+            from shared.models import Project
+
+            name = str(meta["register_model"])
+            prior = s.scalar(select(func.count()).select_from(Artifact).where(
+                Artifact.project_id == job.project_id, Artifact.kind == row.kind,
+                Artifact.meta["register_model"].as_string() == name)) or 0
+            row.meta = {**meta, "version": prior + 1}
+            project = s.get(Project, job.project_id)
+            self._registrations.append({"name": f"{project.name if project else job.project_id}.{name}",
+                                        "source": f"s3://{bucket}/{art['key']}", "version": str(prior + 1),
+                                        "artifact_id": ""})
         s.add(row)
         s.flush()
+        if self._registrations and not self._registrations[-1]["artifact_id"]:
+            self._registrations[-1]["artifact_id"] = str(row.id)
         parents = [self._dataset_artifact, self._last_checkpoint, *self._input_artifacts]
         link_parents(s, row.id, [p for p in parents if p is not None])
         lifecycle.add_event(s, self.job_id, self.attempt, art["type"], artifact_id=str(row.id), uri=row.uri,
@@ -193,6 +215,22 @@ class EventRelay:
                             version=ds.version)
         if art.get("output"):
             job.outputs = {**(job.outputs or {}), art["output"]: str(ds.id)}
+
+    def _register_models(self) -> None:
+        """Register the committed versioned artifacts in the MLflow model registry (best effort, like metrics:
+        the artifact row and its version are the truth; a failure is logged)."""
+        pending, self._registrations = self._registrations, []
+        for reg in pending:
+            try:
+                v = self.tracker.register_model_version(
+                    reg["name"], source=reg["source"], run_id=self.run_id,
+                    tags={"crucible.artifact_id": reg["artifact_id"], "crucible.version": reg["version"],
+                          "crucible.job_id": str(self.job_id)})
+                log.info("job %s: registered %s version %s (crucible version %s)", self.job_id, reg["name"], v,
+                         reg["version"])
+            except Exception as e:
+                log.warning("job %s: could not register %s in the MLflow model registry: %s", self.job_id,
+                            reg["name"], e)
 
     def _flush_mlflow(self) -> None:
         if self.run_id is None or (not self._points and not self._tags and not self._images):

@@ -45,7 +45,16 @@ def prepare_dataset(ref: dict[str, Any], *, store: ObjectStore, settings: Settin
         return {"uri": ref["uri"]}
     cache = settings.data_cache_dir / "datasets"
     cache.mkdir(parents=True, exist_ok=True)
-    if source == "archive":
+    if source == "archive" and ref.get("format") == "text":  # a text corpus: its canonical JSONL, as is
+        from shared.data.corpus import CORPUS_FILE
+
+        target = cache / f"text-{ref['sha256']}"
+        with _locked(target.with_suffix(".lock")):
+            if not (target / _COMPLETE).exists():
+                _fresh(target)
+                store.get_file(ref["key"], target / CORPUS_FILE, bucket=ref.get("bucket"), sha256=ref["sha256"])
+                (target / _COMPLETE).touch()
+    elif source == "archive":
         target = cache / ref["sha256"]
         with _locked(target.with_suffix(".lock")):  # several workers on one host share the cache
             if not (target / _COMPLETE).exists():
