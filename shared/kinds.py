@@ -142,6 +142,8 @@ JOB_KIND_DECLARATIONS: tuple[JobKind, ...] = (
             "k-NN and linear-probe evaluation of any checkpoint"),
     JobKind("distill", "shared.specs.distill:DistillSpec", "distiller", "workers.distiller.train:run",
             "knowledge distillation (SimReg, CompRess)"),
+    JobKind("router", "shared.specs.router:RouterSpec", "router", "workers.router.replica:run",
+            "a replica serving an expert set: routes queries to LoRA experts and generates", mode="service"),
 )
 
 _worker_kinds: dict[str, WorkerKind] = {w.name: w for w in WORKER_KIND_DECLARATIONS}

@@ -168,10 +168,10 @@ class Engine:
             model = self.model
             eos = self.tokenizer.eos_token_id
             streamer = _RowStreamer(rows, self.tokenizer, eos)
-            kwargs: dict[str, Any] = dict(
-                input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False,
-                max_new_tokens=max(r.max_new_tokens for r in rows), streamer=streamer, pad_token_id=eos,
-                stopping_criteria=[_row_limits(enc.input_ids.shape[1], [r.max_new_tokens for r in rows])])
+            kwargs: dict[str, Any] = {
+                "input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "do_sample": False,
+                "max_new_tokens": max(r.max_new_tokens for r in rows), "streamer": streamer, "pad_token_id": eos,
+                "stopping_criteria": [_row_limits(enc.input_ids.shape[1], [r.max_new_tokens for r in rows])]}
             with torch.inference_mode():
                 if not adapters:
                     if self.peft is not None:

@@ -162,7 +162,7 @@ def smollm2_dir() -> Path:
 
         tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
         model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
-        model.hf_quantizer = None  # a dequantised GGUF refuses save_pretrained otherwise (env.md §7)
+        model.hf_quantizer = None  # type: ignore[assignment]  # a dequantised GGUF refuses save_pretrained otherwise (env.md §7)
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         tmp = dest.with_name(dest.name + ".partial")
