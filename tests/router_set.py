@@ -14,14 +14,14 @@ TOPICS = [
 ]
 
 
-def build(directory: Path, *, n_experts: int = 3, base: str = "tiny-random-llama", rank: int = 4,
+def build(directory: Path, *, n_experts: int = 3, base: str = "tiny-random", rank: int = 4,
           target_modules: tuple[str, ...] = ("q_proj", "v_proj"), fallback_margin: float = 0.0,
           name: str = "tiny-set") -> Path:
     """Write the expert set into ``directory`` (made by ``workers.text.expert_set.save``) and return it."""
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from workers.router.embedder import base_mean
+    from workers.router.embedder import QueryEmbedder
     from workers.text import expert_set as es
     from workers.text.base_model import load_base
 
@@ -36,10 +36,11 @@ def build(directory: Path, *, n_experts: int = 3, base: str = "tiny-random-llama
         model.save_pretrained(str(src / f"e{i}"))
         sources[f"e{i}"] = src / f"e{i}"
     loaded = load_base(base)
-    centroids = base_mean(loaded.model, loaded.tokenizer, [topic_text(i) for i in range(n_experts)],
-                          max_length=loaded.context_length)
+    embedder = {"kind": "base-mean", "base_model": base, "max_length": 256}
+    centroids = QueryEmbedder(es.EmbedderSpec.model_validate(embedder), directory, base=loaded).load().embed(
+        [topic_text(i) for i in range(n_experts)])
     es.save(directory, name=name, base_model={"ref": base, "hidden_size": loaded.model.config.hidden_size},
-            embedder={"kind": "base-mean", "dim": int(centroids.shape[1])}, centroids=centroids,
+            embedder={**embedder, "dim": int(centroids.shape[1])}, centroids=centroids,
             experts=[{"id": f"e{i}", "cluster": i, "adapter": f"adapters/e{i}", "size": 10} for i in range(n_experts)],
             fallback_margin=fallback_margin, adapter_sources=sources)
     return directory

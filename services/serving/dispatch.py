@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from services.errors import DomainError, Unavailable
@@ -47,8 +47,9 @@ class ReplicaError(DomainError):
 
 
 class Dispatcher:
-    def __init__(self, redis: Any) -> None:
+    def __init__(self, redis: Any, *, allow: Callable[[serving.Announcement], bool] | None = None) -> None:
         self.redis = redis  # a redis.asyncio.Redis
+        self.allow = allow  # which replicas this caller may use (the API: its project's router jobs)
 
     async def table(self, expert_set_id: str) -> list[serving.Announcement]:
         """The live replicas of an expert set (entries whose announcement expired are pruned)."""
@@ -65,7 +66,7 @@ class Dispatcher:
                 out.append(serving.Announcement.model_validate_json(raw))
         if dead:
             await self.redis.srem(index, *dead)
-        return out
+        return [a for a in out if self.allow is None or self.allow(a)]
 
     async def exchange(self, expert_set_id: str, req: serving.Request, *,
                        table: list[serving.Announcement] | None = None) -> AsyncGenerator[serving.Reply, None]:
@@ -138,7 +139,7 @@ class Dispatcher:
         loading = [a.replica_id for a in live if a.state == "loading"]
         hint = (f" ({len(loading)} replica(s) still loading: retry shortly)" if loading else
                 "; start one with a router job (shared/specs/examples/router-expert-set.yaml)")
-        return Unavailable(f"no ready router replica of expert set {expert_set_id} serves {what}{hint}",
+        return Unavailable(f"no ready router replica of this expert set ({expert_set_id[:12]}) serves {what}{hint}",
                            loc=["body", "expert_set"], retry_after=2)
 
 

@@ -29,6 +29,46 @@ ARTIFACT_KIND = "expert-set"  # workers.text.expert_set.ARTIFACT_KIND (the contr
 _clients: dict[tuple[int, str], Any] = {}
 
 
+_JOBS_TTL_S = 5.0
+_project_jobs: dict[tuple[uuid.UUID, str], tuple[float, bool]] = {}
+
+
+def _jobs_of(project_id: uuid.UUID, job_ids: set[str]) -> set[str]:
+    from shared.models import Job
+
+    ids = []
+    for j in job_ids:
+        try:
+            ids.append(uuid.UUID(j))
+        except ValueError:
+            continue
+    if not ids:
+        return set()
+    with session_scope() as s:
+        return {str(i) for i in s.scalars(select(Job.id).where(Job.id.in_(ids), Job.project_id == project_id))}
+
+
+async def _scope(project_id: uuid.UUID, table: list[serving.Announcement]) -> None:
+    """Learn which announced replicas are router jobs of this project (cached a few seconds)."""
+    now = time.monotonic()
+    unknown = {a.job_id for a in table if (hit := _project_jobs.get((project_id, a.job_id))) is None
+               or now - hit[0] > _JOBS_TTL_S}
+    if unknown:
+        mine = await run_in_threadpool(_jobs_of, project_id, unknown)
+        if len(_project_jobs) > 10_000:
+            _project_jobs.clear()
+        for j in unknown:
+            _project_jobs[(project_id, j)] = (now, j in mine)
+
+
+async def _scoped(project_id: uuid.UUID, set_id: str) -> tuple[dispatch.Dispatcher, list[serving.Announcement]]:
+    """A dispatcher that only uses this project's replicas, and the placement table it sees now."""
+    d = _dispatcher()
+    await _scope(project_id, await d.table(set_id))
+    d.allow = lambda a: _project_jobs.get((project_id, a.job_id), (0.0, False))[1]
+    return d, await d.table(set_id)
+
+
 def _dispatcher() -> dispatch.Dispatcher:
     url = get_settings().BROKER_URL
     if not url.startswith(("redis://", "rediss://")):
@@ -48,7 +88,7 @@ def _dispatcher() -> dispatch.Dispatcher:
     return dispatch.Dispatcher(client)
 
 
-def _resolve(project_id: uuid.UUID, ref: str) -> str:
+def _resolve(project_id: uuid.UUID, ref: str) -> tuple[str, str]:
     ident = ref.removeprefix("artifact:")
     with session_scope() as s:
         art: Artifact | None
@@ -61,54 +101,57 @@ def _resolve(project_id: uuid.UUID, ref: str) -> str:
         if art is None or art.project_id != project_id or art.kind != ARTIFACT_KIND:
             raise NotFound(f"unknown expert set {ref[:80]!r}: no expert-set artifact with that id or name in this "
                            "project (GET /v1/artifacts?kind=expert-set lists them)", loc=["body", "expert_set"])
-        return str(art.id)
+        return str(art.id), art.sha256 or str(art.id)
 
 
-async def resolve_expert_set(*, project_id: uuid.UUID, ref: str) -> str:
-    """The artifact id of the caller's expert set ``ref``; NotFound otherwise."""
+async def resolve_expert_set(*, project_id: uuid.UUID, ref: str) -> tuple[str, str]:
+    """(artifact id, placement key) of the caller's expert set ``ref``; NotFound otherwise. Replicas announce
+    under the set's content hash (its tar's sha256), the same whether they were started from the artifact or
+    from the expert-set job's checkpoint."""
     return await run_in_threadpool(_resolve, project_id, ref)
 
 
 async def replicas(*, project_id: uuid.UUID, expert_set: str) -> ReplicasOut:
     """The placement table of an expert set: every live replica, what it holds and its state."""
-    set_id = await resolve_expert_set(project_id=project_id, ref=expert_set)
-    return ReplicasOut(expert_set=set_id, replicas=await _dispatcher().table(set_id))
+    art_id, key = await resolve_expert_set(project_id=project_id, ref=expert_set)
+    _, table = await _scoped(project_id, key)
+    return ReplicasOut(expert_set=art_id, replicas=table)
 
 
 async def route(*, project_id: uuid.UUID, body: RouteIn) -> RouteOut:
-    set_id = await resolve_expert_set(project_id=project_id, ref=body.expert_set)
+    art_id, set_id = await resolve_expert_set(project_id=project_id, ref=body.expert_set)
     t0 = time.monotonic()
-    reply = await dispatch.call(_dispatcher(), set_id, dispatch.new_request("route", body.text,
-                                                                             timeout_s=body.timeout_s))
-    return RouteOut(expert_set=set_id, expert=str(reply.expert), margin=float(reply.margin or 0.0),
+    d, table = await _scoped(project_id, set_id)
+    reply = await dispatch.call(d, set_id, dispatch.new_request("route", body.text, timeout_s=body.timeout_s),
+                                table=table)
+    return RouteOut(expert_set=art_id, expert=str(reply.expert), margin=float(reply.margin or 0.0),
                     fallback=reply.fallback, replica=reply.replica_id, seconds=round(time.monotonic() - t0, 4))
 
 
-async def _choose(d: dispatch.Dispatcher, set_id: str, body: GenerateIn,
-                  deadline: float) -> tuple[str | None, str | None, float | None, list[serving.Announcement]]:
-    """(expert to generate with, None = base; the routed expert; margin; the table read)."""
-    table = await d.table(set_id)
+async def _choose(d: dispatch.Dispatcher, set_id: str, body: GenerateIn, deadline: float,
+                  table: list[serving.Announcement]) -> tuple[str | None, str | None, float | None]:
+    """(expert to generate with, None = base; the routed expert; margin)."""
     if body.expert is not None:
         known = {e for a in table for e in a.all_experts}
         if known and body.expert not in known:
-            raise Invalid(f"expert {body.expert!r} is not in expert set {set_id} (it has {sorted(known)[:20]})",
+            raise Invalid(f"expert {body.expert!r} is not in the expert set (it has {sorted(known)[:20]})",
                           loc=["body", "expert"])
-        return body.expert, None, None, table
+        return body.expert, None, None
     req = serving.Request(id=uuid.uuid4().hex, op="route", text=body.text, deadline=deadline)
     reply = await dispatch.call(d, set_id, req, table=table)
-    return (None if reply.fallback else reply.expert), reply.expert, reply.margin, table
+    return (None if reply.fallback else reply.expert), reply.expert, reply.margin
 
 
 async def generate(*, project_id: uuid.UUID, body: GenerateIn) -> GenerateOut:
-    set_id = await resolve_expert_set(project_id=project_id, ref=body.expert_set)
+    art_id, set_id = await resolve_expert_set(project_id=project_id, ref=body.expert_set)
     t0 = time.monotonic()
     deadline = time.time() + body.timeout_s
-    d = _dispatcher()
-    expert, routed, margin, table = await _choose(d, set_id, body, deadline)
+    d, table = await _scoped(project_id, set_id)
+    expert, routed, margin = await _choose(d, set_id, body, deadline, table)
     req = serving.Request(id=uuid.uuid4().hex, op="generate", text=body.text, expert=expert, margin=margin,
                           max_new_tokens=body.max_new_tokens or 0, deadline=deadline)
     reply = await dispatch.call(d, set_id, req, table=table)
-    return GenerateOut(expert_set=set_id, expert=expert, routed_to=routed, margin=margin,
+    return GenerateOut(expert_set=art_id, expert=expert, routed_to=routed, margin=margin,
                        fallback=expert is None, text=reply.text, tokens=reply.tokens, finish=reply.finish,
                        replica=reply.replica_id, seconds=round(time.monotonic() - t0, 4))
 
@@ -118,16 +161,16 @@ async def generate_stream(*, project_id: uuid.UUID, body: GenerateIn) -> AsyncIt
 
     Everything up to the replica's first reply happens before this returns, so an unknown set, no replica,
     a prompt longer than the context or a deadline are plain HTTP errors, not a 200 stream that fails."""
-    set_id = await resolve_expert_set(project_id=project_id, ref=body.expert_set)
+    art_id, set_id = await resolve_expert_set(project_id=project_id, ref=body.expert_set)
     t0 = time.monotonic()
     deadline = time.time() + body.timeout_s
-    d = _dispatcher()
-    expert, routed, margin, table = await _choose(d, set_id, body, deadline)
+    d, table = await _scoped(project_id, set_id)
+    expert, routed, margin = await _choose(d, set_id, body, deadline, table)
     req = serving.Request(id=uuid.uuid4().hex, op="generate", text=body.text, expert=expert, margin=margin,
                           max_new_tokens=body.max_new_tokens or 0, stream=True, deadline=deadline)
     replies: AsyncGenerator[serving.Reply, None] = d.exchange(set_id, req, table=table)
     first = await replies.__anext__()
-    head = {"expert_set": set_id, "expert": expert, "routed_to": routed, "margin": margin, "fallback": expert is None}
+    head = {"expert_set": art_id, "expert": expert, "routed_to": routed, "margin": margin, "fallback": expert is None}
 
     async def events() -> AsyncIterator[str]:
         yield _sse("route", head)

@@ -35,11 +35,13 @@ class Placement(StrictModel):
 
 
 class RouterSpec(JobSpecBase):
-    input_artifact_kinds: ClassVar[Mapping[str, str]] = {"expert_set": "expert-set"}
+    # the expert-set artifact, or the checkpoint of the expert-set job that made it (it carries the same tar)
+    input_artifact_kinds: ClassVar[Mapping[str, tuple[str, ...]]] = {"expert_set": ("expert-set", "checkpoint")}
 
     kind: Literal["router"] = "router"
-    expert_set: str = Field(description="the expert-set artifact: artifact:<id> (or a bare id), e.g. the "
-                                        "expert-train pipeline's expert_set output")
+    expert_set: str = Field(description="the expert set: its artifact (artifact:<id> or a bare id), or job:<id> "
+                                        "of the expert-set job that made it (a pipeline's "
+                                        "${steps.<expert-set step>.checkpoint})")
     experts: list[str] | None = Field(None, min_length=1, max_length=10_000,
                                       description="expert ids this replica holds; default: by placement")
     placement: Placement = Field(default_factory=Placement,
@@ -69,10 +71,7 @@ class RouterSpec(JobSpecBase):
     @field_validator("expert_set")
     @classmethod
     def _expert_set(cls, v: str) -> str:
-        ref = validate_checkpoint_ref(v)
-        if not ref.startswith("artifact:"):
-            raise ValueError("must be the expert set's artifact (artifact:<id>), not a job")
-        return ref
+        return validate_checkpoint_ref(v)
 
     @field_validator("experts", "pinned")
     @classmethod

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from services import localstack
-from services.serving.dispatch import DeadlineExceeded, Dispatcher, ReplicaError, ReplicaLost, call, new_request
+from services.serving.dispatch import DeadlineExceeded, Dispatcher, ReplicaError, call, new_request
 from shared import serving
 from shared.specs.router import RouterSpec
 from tests import router_set
@@ -190,8 +190,8 @@ def test_bad_input_gets_a_clear_error_and_the_replica_keeps_serving(start: Any, 
 
     async def go() -> tuple[Any, Any]:
         d = await _dispatcher(redis_url)
-        with pytest.raises(ReplicaError, match="context is 128 tokens") as too_long:
-            await call(d, SET_ID, new_request("generate", "z" * 500, expert="e0", max_new_tokens=4, timeout_s=20))
+        with pytest.raises(ReplicaError, match="context is 512 tokens") as too_long:
+            await call(d, SET_ID, new_request("generate", "z" * 600, expert="e0", max_new_tokens=4, timeout_s=20))
         after = await call(d, SET_ID, new_request("generate", "short", expert="e0", max_new_tokens=3, timeout_s=20))
         return too_long.value, after
 

@@ -131,7 +131,8 @@ def test_declarations_are_checked() -> None:
 def test_every_builtin_kind_resolves() -> None:
     """Each declaration names a real spec model and an entry-point module that exists (found, not imported:
     the entry points import torch; the worker tests run them)."""
-    assert [k.name for k in kinds.job_kinds()] == ["ssl-train", "eval", "distill"]
+    assert {"ssl-train", "eval", "distill", "router"} <= {k.name for k in kinds.job_kinds()}
+    assert kinds.job_kind("router").mode == "service"
     for k in kinds.job_kinds():
         assert k.spec_model().model_fields["kind"].default == k.name
         assert importlib.util.find_spec(k.entry_point.partition(":")[0]) is not None, k.entry_point

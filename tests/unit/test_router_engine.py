@@ -148,8 +148,8 @@ def test_generation_streams_each_rows_text_and_stops_at_its_own_limit(tiny_set: 
                             Row("abcdef", "e0", 7, on_text=chunks[1].append)])
     assert [len(r.tokens) for r in rows] == [3, 7]
     assert "".join(chunks[0]) == rows[0].text and "".join(chunks[1]) == rows[1].text
-    with pytest.raises(PromptTooLong, match="context is 128 tokens"):
-        engine.check_prompt("y" * 200, 8)
+    with pytest.raises(PromptTooLong, match="context is 512 tokens"):
+        engine.check_prompt("y" * 600, 8)
 
 
 def test_engine_cache_budget_counts_adapter_bytes(tiny_set: es.ExpertSet) -> None:
@@ -168,23 +168,25 @@ def test_engine_cache_budget_counts_adapter_bytes(tiny_set: es.ExpertSet) -> Non
 # --- expert sets that are wrong -----------------------------------------------------------------------------
 def test_an_expert_set_trained_on_another_base_is_refused_naming_the_expert(tmp_path: Path,
                                                                            tiny_set: es.ExpertSet) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     from workers.text.base_model import load_base
 
-    gpt2 = load_base("tiny-random-gpt2").model
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, vocab_size=258))
     with pytest.raises(es.ExpertSetError, match="expert 'e0'.*does not have"):
         es.check_against_base(tiny_set, gpt2)
-    es.check_against_base(tiny_set, load_base("tiny-random-llama").model)  # its own base fits
+    es.check_against_base(tiny_set, load_base("tiny-random").model)  # its own base fits
     # a wider model with the same layer names: the shapes do not match
     from transformers import LlamaConfig, LlamaForCausalLM
 
     wide = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, vocab_size=257))
+                                        num_attention_heads=2, vocab_size=258))
     with pytest.raises(es.ExpertSetError, match="declares base hidden_size 32 .* has 64"):
         es.check_against_base(tiny_set, wide)
     import dataclasses
 
     undeclared = dataclasses.replace(tiny_set, manifest=tiny_set.manifest.model_copy(
-        update={"base_model": es.BaseModelRef(ref="tiny-random-llama")}))
+        update={"base_model": es.BaseModelRef(ref="tiny-random")}))
     with pytest.raises(es.ExpertSetError, match="expert 'e0'.*in_features=32 but the base .* has 64"):
         es.check_against_base(undeclared, wide)
 

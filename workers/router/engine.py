@@ -15,11 +15,12 @@ grows (``on_text``). Adapters are made resident through the ``AdapterCache`` (LR
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 from workers.router.adapters import AdapterCache
-from workers.text.base_model import LoadedBase
+from workers.text.base_model import BaseLM
 from workers.text.expert_set import ExpertSet, adapter_shapes
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -98,11 +99,12 @@ def _row_limits(prompt_len: int, limits: Sequence[int]) -> Any:
 
 
 class Engine:
-    def __init__(self, base: LoadedBase, expert_set: ExpertSet, *, budget_bytes: int, pinned: Sequence[str] = (),
+    def __init__(self, base: BaseLM, expert_set: ExpertSet, *, budget_bytes: int, pinned: Sequence[str] = (),
                  cache: bool = True, on_load: Callable[[str], None] | None = None,
                  on_evict: Callable[[str], None] | None = None) -> None:
         self.base, self.expert_set = base, expert_set
         self.tokenizer = base.tokenizer
+        self.tokenizer.padding_side = "left"  # batched generation continues every row from its last token
         self.peft: Any = None  # the PeftModel, made with the first adapter
         elem = next(iter(base.model.parameters())).element_size()
         self._elem = elem
@@ -116,7 +118,11 @@ class Engine:
 
     @property
     def context_length(self) -> int:
-        return self.base.context_length
+        return self.base.max_positions
+
+    def adapters_off(self) -> AbstractContextManager[Any]:
+        """A context in which the base runs without any adapter (the fallback, the base-mean embedder)."""
+        return self.peft.disable_adapter() if self.peft is not None else nullcontext()
 
     # --- adapters ---------------------------------------------------------------------------
     def _adapter_bytes(self, expert: str) -> int:

@@ -31,7 +31,7 @@ from workers.router.embedder import QueryEmbedder
 from workers.router.engine import Engine, PromptTooLong, Row
 from workers.router.metrics import ReplicaMetrics, expert_label
 from workers.text import expert_set as es
-from workers.text.base_model import BaseModelError, load_base
+from workers.text.base_model import load_base
 
 log = logging.getLogger("crucible.router")
 POLL_S = 0.25
@@ -94,7 +94,7 @@ class Replica:
         t0 = time.monotonic()
         try:
             base = load_base(ref)
-        except BaseModelError as e:
+        except (FileNotFoundError, OSError, ValueError) as e:
             raise ReplicaConfigError(str(e)) from e
         es.check_against_base(self.expert_set, base.model)  # ExpertSetError names the expert
         if self.spec.device == "cuda" or (self.spec.device == "auto" and _cuda()):
@@ -108,10 +108,11 @@ class Replica:
                                  on_evict=self.metrics.evicted)
         except AdapterBudgetError as e:
             raise ReplicaConfigError(str(e)) from e
-        self.embedder = QueryEmbedder(self.expert_set, engine=self.engine).load()
+        self.embedder = QueryEmbedder(self.expert_set.manifest.embedder, self.expert_set.root, base=base,
+                                      adapters_off=self.engine.adapters_off).load()
         port = self.spec.metrics_port or int(os.environ.get("CRUCIBLE_ROUTER_METRICS_PORT", "0") or 0)
         _, bound = self.metrics.serve(port)
-        self.announcer.update(state="ready", context_length=base.context_length,
+        self.announcer.update(state="ready", context_length=base.max_positions,
                               metrics_url=f"http://{socket.gethostname()}:{bound}/metrics")
         self.log(f"router replica {self.id} ready in {time.monotonic() - t0:.1f}s: expert set "
                  f"{self.expert_set.name!r}, holds {len(self.held)} of {len(self.expert_set.expert_ids)} experts, "
@@ -294,13 +295,45 @@ def run(ctx: Any) -> None:
     from workers.runtime.context import JobConfigError, Preempted
 
     spec: RouterSpec = ctx.spec
-    ref = ctx.inputs["checkpoints"]["expert_set"]
     try:
-        expert_set = es.unpack(ref["path"], Path(ctx.workdir) / "expert_set")
-        replica = Replica(spec, expert_set, redis_client(), job_id=str(ctx.job_id),
-                          expert_set_id=ref["artifact_id"], log_line=ctx.log)
+        tar = expert_set_tar(Path(ctx.inputs["checkpoints"]["expert_set"]["path"]), Path(ctx.workdir))
+        expert_set = es.unpack(tar, Path(ctx.workdir) / "expert_set")
+        replica = Replica(spec, expert_set, redis_client(), job_id=str(ctx.job_id), expert_set_id=sha256_file(tar),
+                          log_line=ctx.log)
         replica.start()
     except (es.ExpertSetError, ReplicaConfigError) as e:
         raise JobConfigError(str(e)) from e
     replica.serve(lambda: bool(ctx.stop_requested))
     raise Preempted()  # stopped on request: cancel ends the job cancelled, a shutdown re-queues it
+
+
+def expert_set_tar(path: Path, workdir: Path) -> Path:
+    """The expert-set tar of an input: the ``expert-set`` artifact itself, or the expert-set job's checkpoint,
+    which carries the same bytes (``expert_set_tar``). Replicas announce under the tar's sha256, which is the
+    artifact's, so the control plane finds them from either."""
+    import tarfile
+
+    if tarfile.is_tarfile(path):
+        return path
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ReplicaConfigError(f"the expert_set input is neither an expert-set tar nor a checkpoint: {e}") from e
+    if not isinstance(state, dict) or "expert_set_tar" not in state:
+        raise ReplicaConfigError("the expert_set input is a checkpoint of another kind of job (it carries no "
+                                 "expert set): pass the expert-set artifact or the expert-set job")
+    out = workdir / "expert_set.tar"
+    out.write_bytes(state["expert_set_tar"])
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
