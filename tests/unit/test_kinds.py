@@ -136,7 +136,7 @@ def test_every_builtin_kind_resolves() -> None:
     for k in kinds.job_kinds():
         assert k.spec_model().model_fields["kind"].default == k.name
         assert importlib.util.find_spec(k.entry_point.partition(":")[0]) is not None, k.entry_point
-        assert k.worker_kind in kinds.WORKER_KINDS and k.mode == "job"
+        assert k.worker_kind in kinds.WORKER_KINDS and k.mode == ("service" if k.name == "router" else "job")
 
 
 def test_parse_spec_can_expect_a_kind() -> None:
