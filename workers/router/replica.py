@@ -92,6 +92,8 @@ class Replica:
     def _load(self) -> None:
         ref = self.expert_set.manifest.base_model.ref
         t0 = time.monotonic()
+        # fault injection for the tests: hold "loading" this long, so a replica can be killed mid-load
+        time.sleep(float(os.environ.get("CRUCIBLE_ROUTER_LOAD_DELAY_S", "0") or 0))
         try:
             base = load_base(ref)
         except (FileNotFoundError, OSError, ValueError) as e:
