@@ -166,6 +166,8 @@ JOB_KIND_DECLARATIONS: tuple[JobKind, ...] = (
             "workers.expert_trainer.expert_set:run", "assemble, version and register a servable expert set"),
     JobKind("moin-eval", "shared.specs.experts:MoinEvalSpec", "expert-trainer", "workers.expert_trainer.evaluate:run",
             "held-out perplexity: routed / oracle / random / base / single LoRA; routing accuracy"),
+    JobKind("router", "shared.specs.router:RouterSpec", "router", "workers.router.replica:run",
+            "a replica serving an expert set: routes queries to LoRA experts and generates", mode="service"),
 )
 
 _worker_kinds: dict[str, WorkerKind] = {w.name: w for w in WORKER_KIND_DECLARATIONS}

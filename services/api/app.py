@@ -24,6 +24,7 @@ from services.metrics import install_metrics
 from services.pipelines.router import router as pipelines_router
 from services.pipelines.router import templates_router as pipeline_templates_router
 from services.projects.router import router as projects_router
+from services.serving.router import router as serving_router
 from services.sweeps.router import router as sweeps_router
 from services.webhooks.router import router as webhooks_router
 from shared.config import get_settings
@@ -92,7 +93,7 @@ def create_app(*, check_schema: bool = True) -> FastAPI:
     app.include_router(health_router)
     install_metrics(app)  # GET /metrics, GET /metrics/queues and the request-latency middleware
     for router in (projects_router, jobs_router, datasets_router, artifacts_router, pipelines_router,
-                   pipeline_templates_router, webhooks_router, sweeps_router):
+                   pipeline_templates_router, webhooks_router, sweeps_router, serving_router):
         app.include_router(router, prefix=API_PREFIX)
     # Outermost of the app's own middleware: nothing reads a body or a parameter before it is bounded.
     app.add_middleware(InputLimits, upload_paths=[f"{API_PREFIX}/datasets"])

@@ -111,8 +111,9 @@ def _resolve_checkpoints(session: Session, project_id: uuid.UUID,
             art = session.get(Artifact, uuid.UUID(ident))
             if art is None or art.project_id != project_id:
                 raise NotFound(f"artifact {ident} not found in this project", loc=loc)
-            if art.kind != "checkpoint":
-                raise Invalid(f"artifact {ident} is a {art.kind}, not a checkpoint", loc=loc)
+            wanted = spec.input_artifact_kinds.get(name, ("checkpoint",))
+            if art.kind not in wanted:
+                raise Invalid(f"artifact {ident} is a {art.kind}, not a {' or '.join(wanted)}", loc=loc)
             resolved[name] = {"ref": ref, "artifact_id": str(art.id), "job_id": str(art.job_id) if art.job_id else None}
             _check_producer(spec, name, session.get(Job, art.job_id) if art.job_id else None, loc)
             continue

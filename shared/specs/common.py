@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 from uuid import UUID
 
@@ -58,6 +59,8 @@ class JobSpecBase(StrictModel):
     critical_keys: ClassVar[tuple[str, ...]] = ()
     # Evaluations also write their results into the MLflow runs of the jobs whose checkpoints they read.
     report_results_to_inputs: ClassVar[bool] = False
+    # Inputs of ``checkpoint_inputs`` whose artifact may be of other kinds than "checkpoint" (an expert set).
+    input_artifact_kinds: ClassVar[Mapping[str, tuple[str, ...]]] = {}
     if TYPE_CHECKING:  # every subclass declares `kind: Literal[...]`; typed here so callers need no cast
         kind: str
 

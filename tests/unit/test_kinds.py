@@ -135,10 +135,11 @@ def test_every_builtin_kind_resolves() -> None:
     assert names[:3] == ["ssl-train", "eval", "distill"] and "poison" in names
     assert {"clip-train", "clip-pseudo-caption", "clip-eval"} <= set(names)
     assert {"embed", "cluster", "train-expert", "expert-set", "moin-eval"} <= set(names)
+    assert kinds.job_kind("router").mode == "service"
     for k in kinds.job_kinds():
         assert k.spec_model().model_fields["kind"].default == k.name
         assert importlib.util.find_spec(k.entry_point.partition(":")[0]) is not None, k.entry_point
-        assert k.worker_kind in kinds.WORKER_KINDS and k.mode == "job"
+        assert k.worker_kind in kinds.WORKER_KINDS and k.mode == ("service" if k.name == "router" else "job")
 
 
 def test_parse_spec_can_expect_a_kind() -> None:
