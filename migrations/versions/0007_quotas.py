@@ -1,7 +1,7 @@
 """quotas: per-project scheduling limits; jobs' pool, wait reason and preemption flag; dispatcher indexes
 
 Revision ID: 0007
-Revises: 0006_sweeps
+Revises: 0006
 Create Date: 2026-12-01 18:10:00
 """
 from collections.abc import Sequence

@@ -70,10 +70,10 @@ async def create_dataset(request: Request, project: ProjectDep, session: Session
     limit = get_settings().MAX_UPLOAD_BYTES
     # The body is bounded by services.api.limits as it arrives; starlette spools the file part to disk.
     form = await request.form(max_files=1, max_fields=5)
-                        "format": {"type": "string", "enum": list(service.FORMATS), "default": "images",
-                                   "description": "images: an ImageFolder archive; captioned: the archive also holds "
-                                                  "captions.jsonl at its root; text: a corpus (.jsonl of "
-                                                  "{text, topic?, split?} or an archive of <topic>/<doc>.txt)"},
+    name, upload, fmt = form.get("name"), form.get("file"), form.get("format") or "images"
+    if not isinstance(fmt, str) or fmt not in service.FORMATS:
+        raise Invalid(f"unknown format {str(fmt)[:40]!r}; one of: {', '.join(service.FORMATS)}",
+                      loc=["body", "format"])
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise Invalid("required: 1-128 letters, digits, '.', '_' or '-'", loc=["body", "name"])
     if not isinstance(upload, UploadFile) or not upload.filename:

@@ -109,7 +109,7 @@ class _Entry:
     is_dir: bool
 
 
-def _iter_entries(path: Path, fmt: str) -> Iterator[tuple[_Entry, Any]]:
+def iter_entries(path: Path, fmt: str) -> Iterator[tuple[_Entry, Any]]:
     """Yield ``(entry, open_fn)`` in archive order, rejecting unsafe entries as they are met.
 
     ``open_fn()`` returns a binary stream of a regular file's bytes; it is valid only until the next
@@ -193,7 +193,7 @@ def _scan(path: Path, max_files: int, max_unpacked_bytes: int,
     ratio_budget = max(RATIO_FLOOR_BYTES, max_ratio * path.stat().st_size)
     names: list[str] = []
     entries = unpacked = 0
-    for entry, open_fn in _iter_entries(path, fmt):
+    for entry, open_fn in iter_entries(path, fmt):
         entries += 1
         if entries > max_files:
             raise ArchiveError(f"the archive has more than {max_files:,} entries (files and folders); the "
@@ -265,7 +265,7 @@ def extract_archive(path: str | Path, dest: str | Path, *, max_files: int = DEFA
     targets.update({p: p.rsplit("/", 1)[-1] for p in layout.sidecars})
     written = 0
     try:
-        for entry, open_fn in _iter_entries(Path(path), report.format):
+        for entry, open_fn in iter_entries(Path(path), report.format):
             target = targets.get(entry.path)
             if target is None:
                 continue

@@ -97,12 +97,13 @@ def parse_captions(data: bytes, *, images: set[str] | None = None) -> list[Capti
 
 def _archive_captions(path: Path) -> tuple[bytes | None, str, set[str]]:
     """(captions.jsonl bytes or None, where it was found, the archive's image paths)."""
-    from shared.data.archives import _iter_entries, detect_format, is_image_name, is_junk
+    from shared.data.archives import detect_format, iter_entries
+    from shared.data.layout import is_image_name, is_junk
 
     images: set[str] = set()
     captions: bytes | None = None
     found_at = ""
-    for entry, open_fn in _iter_entries(path, detect_format(path)):
+    for entry, open_fn in iter_entries(path, detect_format(path)):
         if entry.is_dir or is_junk(entry.path):
             continue
         if is_image_name(entry.path):
