@@ -260,8 +260,10 @@ def _settle(session: Session, sweep: Sweep, spec: SweepSpec, rows: list[SweepTri
     if done:
         sign = 1.0 if spec.objective.direction == "minimize" else -1.0
         best = min(done, key=lambda t: (sign * float(t.value or 0.0), t.number))  # the earliest of equals
-        sweep.best = {"trial": best.number, "value": best.value, "params": best.params,
-                      "job_id": str(best.job_id) if best.job_id else None}
+        new_best = {"trial": best.number, "value": best.value, "params": best.params,
+                    "job_id": str(best.job_id) if best.job_id else None}
+        if sweep.best != new_best:  # a JSON column is rewritten on any assignment
+            sweep.best = new_best
     running = [t for t in rows if t.state == "running"]
     failed = [t for t in rows if t.state == "failed"]
     if sweep.status == "running":

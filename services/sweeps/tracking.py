@@ -11,9 +11,9 @@ settled. MLflow trouble is logged and retried next cycle; it never blocks schedu
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import select
+from sqlalchemy import CursorResult, select, update
 
 from services.pipelines.tracking import STATUS
 from shared.db import session_scope
@@ -47,10 +47,11 @@ def sync_runs(tracker_factory: Any, *, batch: int = 100) -> int:
         run = tracker.client.create_run(exp_id, run_name=f"sweep {name}", tags={
             "crucible.sweep_id": str(sid), "crucible.project": project, "crucible.kind": "sweep"})
         tracker.client.log_batch(run.info.run_id, params=_params(definition))
-        with session_scope() as s:
-            sweep = s.get(Sweep, sid)
-            if sweep is not None:
-                sweep.mlflow_run_id = run.info.run_id
+        with session_scope() as s:  # another scheduler may have made one meanwhile: the first one recorded wins
+            won = cast(CursorResult[Any], s.execute(update(Sweep).where(Sweep.id == sid, Sweep.mlflow_run_id.is_(None))
+                                                    .values(mlflow_run_id=run.info.run_id))).rowcount == 1
+        if not won:
+            tracker.client.delete_run(run.info.run_id)
         done += 1
     for trial_row, number, params, run_id, parent_run, sid in links:
         tracker.set_tags(run_id, {"mlflow.parentRunId": parent_run, "crucible.sweep_id": str(sid),

@@ -61,6 +61,7 @@ def test_racing_controller_passes_create_each_trial_once(stack):
     assert counts() == (3, 3, 3)  # max_concurrency, each trial once
     with session_scope() as s:  # end the running trials' jobs; the next passes fill up to the budget
         for i, job in enumerate(s.scalars(select(Job).where(Job.project_id == pid))):
+            assert lifecycle.claim(s, job_id=job.id, attempt=1, worker_id="w", lease_s=60) is not None
             job.result = {"epoch_loss": 1.0 + i}
             lifecycle.terminate(s, job, JobStatus.SUCCEEDED, None)
     race()
