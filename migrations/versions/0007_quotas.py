@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = '0007_quotas'
-down_revision: str | None = '0005'  # LOCAL: '0006_sweeps' at merge
+down_revision: str | None = '0006_sweeps'  # the sweeps branch's migration; tested locally on '0005'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
