@@ -81,12 +81,13 @@ def test_quota_and_capacity_hold_with_concurrent_schedulers_and_nothing_is_sent_
     broker = RecordingBroker()
     stop = threading.Event()
     errors: list[BaseException] = []
+    busy = []
 
     def scheduler():
         try:
             while not stop.is_set():
                 with session_scope() as s:
-                    dispatch_once(s, broker, pools)
+                    busy.append(dispatch_once(s, broker, pools).lock_busy)
         except BaseException as e:  # surfaced by the main thread
             errors.append(e)
 
@@ -128,6 +129,7 @@ def test_quota_and_capacity_hold_with_concurrent_schedulers_and_nothing_is_sent_
             t.join(timeout=20)
     assert not errors, errors
     assert not left, f"{left} jobs never finished"
+    assert any(busy) and not all(busy)  # the schedulers did overlap: some cycles found the lock taken
     sent = [j for j, _ in broker.sent]
     assert len(sent) == len(set(sent)) == len(ids)  # every job once, none twice
     assert {q for _, q in broker.sent} == {"crucible.ssl-trainer.a100"}
