@@ -223,16 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     clean, poisoned = make_data(cache, args.train, args.test)
     results: dict[str, Any] = {}
     try:
-        models = {name: train_model(name, data, cache, args, deadline) for name, data in
-                  (("poisoned", poisoned), ("clean", clean))}
+        # poisoned first: its PatchSearch run is the headline; the clean-data run follows
         for name, data in (("poisoned", poisoned), ("clean", clean)):
-            results[f"attack-{name}"] = _stage(cache, f"attack-{name}", lambda m=models[name], d=data:
-                                               attack_check(m, d))
-        for name, data in (("poisoned", poisoned), ("clean", clean)):
+            model = train_model(name, data, cache, args, deadline)
+            results[f"attack-{name}"] = _stage(cache, f"attack-{name}", lambda m=model, d=data: attack_check(m, d))
             if time.monotonic() > deadline - 60 and not (cache / "results" / f"ps-{name}.json").is_file():
                 raise OutOfBudget(f"PatchSearch on {name} not started: under a minute of budget left")
-            results[f"ps-{name}"] = _stage(cache, f"ps-{name}", lambda m=models[name], d=data:
-                                           run_patchsearch(m, d, args))
+            results[f"ps-{name}"] = _stage(cache, f"ps-{name}", lambda m=model, d=data: run_patchsearch(m, d, args))
+            print(f"{name}: attack {results[f'attack-{name}']}; PatchSearch {results[f'ps-{name}']['result']}",
+                  flush=True)
     except OutOfBudget as stop:
         print(f"budget reached ({stop}); run the same command again to continue")
         return 3
