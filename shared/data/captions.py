@@ -97,7 +97,8 @@ def parse_captions(data: bytes, *, images: set[str] | None = None) -> list[Capti
 
 def _archive_captions(path: Path) -> tuple[bytes | None, str, set[str]]:
     """(captions.jsonl bytes or None, where it was found, the archive's image paths)."""
-    from shared.data.archives import _iter_entries, detect_format, is_image_name, is_junk
+    from shared.data.archives import _iter_entries, detect_format
+    from shared.data.layout import is_image_name, is_junk
 
     images: set[str] = set()
     captions: bytes | None = None
