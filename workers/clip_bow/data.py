@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 
 from shared.data import DatasetError
-from shared.data.layout import ArchiveError, plan_layout
 from shared.data.base import resize_square
 from shared.data.captions import CaptionError, CaptionRecord, load_captions
 from shared.data.imagefolder import _decode, holdout_split, list_files
+from shared.data.layout import ArchiveError, plan_layout
 
 
 @dataclass
