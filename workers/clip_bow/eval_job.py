@@ -39,6 +39,6 @@ def run(ctx: MethodContext[ClipEvalSpec]) -> None:
                                    protocols=spec.protocols, transform_prompts=z.transform_prompts, device=device,
                                    confusion_dir=Path(tmp))
         for path in images:
-            ctx.save_artifact(path, name=path.name, artifact_kind="figure", meta={"kind": "confusion-matrix"})
+            ctx.save_artifact(path, name=path.name, artifact_kind="image", meta={"kind": "confusion-matrix"})
     ctx.log("clip-eval: " + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
     ctx.set_result(metrics)
