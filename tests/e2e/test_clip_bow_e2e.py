@@ -59,5 +59,5 @@ def test_upload_train_pseudo_caption_retrain_and_evaluate(platform):
     assert upload["artifact_id"] in art["parents"] and len(art["parents"]) == 2  # the upload and the BoW model
     result = jobs["evaluate"]["result"]
     assert {"zs_shape_top1", "zs_colour_top5", "zs_class_top1", "i2t_R@1", "t2i_median_rank"} <= set(result)
-    figures = platform.http.get("/v1/artifacts", params={"job_id": jobs["evaluate"]["id"], "kind": "figure"}).json()
+    figures = platform.http.get("/v1/artifacts", params={"job_id": jobs["evaluate"]["id"], "kind": "image"}).json()
     assert {f["name"] for f in figures} == {"confusion-shape.png", "confusion-colour.png", "confusion-class.png"}
