@@ -81,6 +81,14 @@ class Settings(BaseSettings):
     WEBHOOK_MAX_ATTEMPTS: int = Field(8, ge=1)  # then the delivery is marked failed (last_error kept)
     WEBHOOK_BATCH: int = Field(8, ge=1)  # POSTs in flight at once per scheduler (a thread each)
     WEBHOOK_BACKOFF_CAP_SECONDS: float = 600.0  # 2^attempts s (with jitter), at most this
+    # Webhooks to loopback, private, link-local (the cloud metadata endpoint) or reserved addresses would let any
+    # project make the scheduler call services inside the cluster. Refused in prod unless the operator allows them;
+    # allowed in dev/test (a laptop's own receiver). None: decided by ENV.
+    WEBHOOK_ALLOW_PRIVATE: bool | None = None
+
+    @property
+    def webhooks_may_reach_private(self) -> bool:
+        return self.ENV != "prod" if self.WEBHOOK_ALLOW_PRIVATE is None else self.WEBHOOK_ALLOW_PRIVATE
 
     # --- workers ------------------------------------------------------------------------------
     WORKER_TORCH_THREADS: int = 0  # 0: let torch decide

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+from shared.specs.common import DATASET_NAME_PATTERN as NAME_PATTERN
 
 
 class DatasetRegister(BaseModel):

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from services.datasets import storage
 from services.errors import Conflict, Invalid, NotFound, Unavailable
 from shared.config import get_settings
+from shared.datasets import VersionTaken, archive_stats, record_dataset
 from shared.models import Artifact, Dataset
 from shared.storage import CAS_PREFIX, ObjectStore, sha256_file
 
@@ -52,10 +52,9 @@ def resolve_ref(*, session: Session, project_id: uuid.UUID, ref: str) -> dict[st
         raise NotFound(UNKNOWN_LOCATION.format(uri=art.uri), loc=["body", "dataset"])
     out: dict[str, Any] = {"uri": f"dataset://{ds.id}", "dataset_id": str(ds.id), "name": ds.name,
                            "version": ds.version, "artifact_id": str(art.id), "source": ds.source,
-                           "bucket": art.bucket, "sha256": art.sha256, "stats": ds.stats}
+                           "bucket": art.bucket, "sha256": art.sha256, "stats": ds.stats,
+                           "format": (art.meta or {}).get("format", "images")}
     out["key" if ds.source == "archive" else "prefix"] = art.key
-    if art.meta.get("format"):
-        out["format"] = art.meta["format"]  # how the worker materialises it (absent: an ImageFolder)
     return out
 
 
@@ -89,7 +88,8 @@ def upload_archive(*, session: Session, project_id: uuid.UUID, name: str, path: 
                    store: ObjectStore) -> Dataset:
     """Validate an ImageFolder archive, store it (content-addressed) and record it. Nothing is stored or
     written unless every check passes; a failed DB write removes the object it just stored."""
-    from shared.data.archives import ArchiveError, inspect_archive
+    from shared.data.archives import inspect_archive
+    from shared.data.layout import ArchiveError
 
     settings = get_settings()
     lowered = filename.lower()
@@ -104,7 +104,7 @@ def upload_archive(*, session: Session, project_id: uuid.UUID, name: str, path: 
         except ArchiveError as e:
             raise Invalid(f"archive rejected: {e}", loc=["body", "file"]) from None
     digest = sha256_file(path)
-    stats = _archive_stats(report)
+    stats = archive_stats(report)
     already_stored = store.exists(CAS_PREFIX + digest)
     obj = store.put_file(path, sha256=digest)
     try:
@@ -208,7 +208,7 @@ def register_prefix(*, session: Session, project_id: uuid.UUID, name: str, uri: 
                       "limit", loc=["body", "uri"])
     from collections import Counter
 
-    from shared.data.archives import ArchiveError, holdout_size, plan_layout
+    from shared.data.layout import ArchiveError, holdout_size, plan_layout
 
     prefix = location.prefix
     try:
@@ -240,33 +240,14 @@ def listing_digest(listing: list[tuple[str, int, str]]) -> str:
 
 def _record(session: Session, *, project_id: uuid.UUID, name: str, source: str, bucket: str, key: str,
             sha256: str, size: int, stats: dict[str, Any], meta: dict[str, Any]) -> Dataset:
-    latest = session.scalar(select(func.max(Dataset.version)).where(Dataset.project_id == project_id,
-                                                                    Dataset.name == name)) or 0
-    if latest:
-        prev = session.scalars(select(Dataset).where(Dataset.project_id == project_id, Dataset.name == name,
-                                                     Dataset.version == latest)).one()
-        prev_art = session.get(Artifact, prev.artifact_id)
-        if prev_art is not None and prev_art.sha256 == sha256:
-            return prev  # uploading the same content again is a no-op, not a new version
-    art = Artifact(project_id=project_id, kind="dataset", name=name, bucket=bucket, key=key, sha256=sha256,
-                   size_bytes=size, meta={"source": source, **meta})
-    session.add(art)
-    session.flush()
-    ds = Dataset(project_id=project_id, name=name, version=latest + 1, source=source, artifact_id=art.id,
-                 stats=stats)
-    session.add(ds)
     try:
-        session.flush()
-    except IntegrityError:  # a concurrent upload of the same name took this version number first
-        raise Conflict(f"another upload of dataset {name!r} finished first (version {latest + 1}); send yours "
+        ds, _ = record_dataset(session, project_id=project_id, name=name, source=source, bucket=bucket, key=key,
+                               sha256=sha256, size=size, stats=stats, meta=meta)
+    except VersionTaken as e:  # a concurrent upload of the same name took this version number first
+        raise Conflict(f"another upload of dataset {name!r} finished first (version {e.version}); send yours "
                        "again to make it the next version", loc=["body", "name"]) from None
     return ds
 
 
 def _referenced(session: Session, key: str) -> bool:
     return session.scalar(select(func.count()).select_from(Artifact).where(Artifact.key == key)) != 0
-
-
-def _archive_stats(report: Any) -> dict[str, Any]:
-    return {"images": report.num_images, "train": report.num_train, "test": report.num_test,
-            "splits": report.splits, "classes": list(report.classes), "num_classes": len(report.classes)}

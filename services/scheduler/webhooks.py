@@ -26,7 +26,7 @@ from sqlalchemy import select, update
 from shared.config import Settings
 from shared.db import session_scope
 from shared.models import Webhook, WebhookDelivery, utcnow
-from shared.webhooks import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, sign
+from shared.webhooks import DELIVERY_HEADER, EVENT_HEADER, SIGNATURE_HEADER, UnsafeTarget, check_target, sign
 
 log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 500
@@ -107,6 +107,10 @@ class Courier:
     def _post(self, s: _Send) -> str | None:
         headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(s.secret, s.body),
                    EVENT_HEADER: s.event, DELIVERY_HEADER: str(s.id), "User-Agent": "crucible-webhooks"}
+        try:
+            check_target(s.url, allow_private=self.settings.webhooks_may_reach_private)
+        except UnsafeTarget as e:  # the name resolves elsewhere now than when the hook was registered
+            return str(e)[:MAX_ERROR_CHARS]
         try:
             r = httpx.post(s.url, content=s.body, headers=headers, timeout=self.settings.WEBHOOK_TIMEOUT_SECONDS,
                            follow_redirects=False)

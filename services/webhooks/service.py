@@ -9,13 +9,19 @@ import uuid
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from services.errors import NotFound
+from services.errors import Invalid, NotFound
 from services.webhooks.schemas import WebhookCreate
+from shared.config import get_settings
 from shared.models import Webhook, WebhookDelivery
 from shared.models.webhooks import WEBHOOK_EVENTS
+from shared.webhooks import UnsafeTarget, check_target
 
 
 def create(*, session: Session, project_id: uuid.UUID, body: WebhookCreate) -> Webhook:
+    try:
+        check_target(body.url, allow_private=get_settings().webhooks_may_reach_private)
+    except UnsafeTarget as e:
+        raise Invalid(str(e), loc=["body", "url"]) from None
     events = list(dict.fromkeys(body.events)) if body.events else list(WEBHOOK_EVENTS)
     hook = Webhook(project_id=project_id, url=body.url, secret=secrets.token_hex(32), events=events, active=True)
     session.add(hook)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from shared.data.archives import ArchiveError, ArchiveReport, extract_archive, inspect_archive
+from shared.data.archives import ArchiveReport, extract_archive, inspect_archive
 from shared.data.base import DatasetError, ImageDataset
 from shared.data.builtin import BUILTIN_INFO, builtin_name, load_builtin
+from shared.data.layout import ArchiveError
 
 
 def builtin_info(name: str) -> dict[str, int]:

@@ -175,8 +175,9 @@ def read_jsonl(data: bytes | str, *, name: str = "corpus") -> Corpus:
 
 def read_text_archive(path: Path, *, max_files: int, max_unpacked_bytes: int, name: str = "corpus") -> CorpusReport:
     """Validate a plain-text archive: ``[train|test/]<topic>/<name>.txt`` (or root ``<name>.txt``)."""
-    from shared.data.archives import ArchiveError, detect_format, is_junk
     from shared.data.archives import _iter_entries as iter_entries  # the shared safe reader
+    from shared.data.archives import detect_format
+    from shared.data.layout import ArchiveError, is_junk
 
     try:
         fmt = detect_format(path)

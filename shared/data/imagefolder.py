@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shared.data.archives import ArchiveError, holdout_size, plan_layout
 from shared.data.base import DatasetError, ImageDataset, fit_square, is_grey
+from shared.data.layout import ArchiveError, holdout_size, plan_layout
 
 SPLIT_SEED = 0
 

@@ -23,6 +23,7 @@ MAX_SEED = 2**32 - 1  # numpy and torch seed generators take 32-bit seeds
 MAX_KNN_K = 4096
 MAX_DATASET_VERSION = 2**31 - 1
 MAX_DATASET_REF_CHARS = 200
+DATASET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # uploads, registrations and datasets jobs make
 
 
 class StrictModel(BaseModel):

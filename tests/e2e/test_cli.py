@@ -79,3 +79,28 @@ def test_dataset_upload_from_a_directory_and_schema(cli, tmp_path):
     assert "colours@1" in cli("datasets", "list").stdout
     schema = json.loads(cli("schema", "ssl-train").stdout)
     assert "bank_size" in schema["properties"] and schema["additionalProperties"] is False
+
+
+def test_pipeline_submit_follow_cancel_and_templates(cli, tmp_path):
+    """`crucible pipeline ...` as a researcher uses it: a file with a bad step is a message naming the step and the
+    field; a good one is submitted, cancelled, and `follow` prints its tree and exits non-zero; templates list."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps:\n  train:\n    kind: ssl-train\n    epochs: 0\n")
+    err = cli("pipeline", "submit", str(bad), ok=False).stderr
+    assert err.startswith("error: HTTP 422") and "steps.train.epochs" in err
+    good = tmp_path / "chain.yaml"
+    good.write_text("name: cli-chain\nsteps:\n  train:\n    kind: ssl-train\n    dataset: builtin://shapes\n"
+                    "    limit_train: 64\n    batch_size: 32\n    bank_size: 64\n    epochs: 50\n"
+                    "  evaluate:\n    kind: eval\n    checkpoint: ${steps.train.checkpoint}\n"
+                    "    dataset: builtin://shapes\n")
+    out = cli("pipeline", "submit", str(good)).stdout
+    assert "(2 steps: train, evaluate)" in out
+    pipeline_id = out.split("pipeline ", 1)[1].split()[0]
+    shown = json.loads(cli("pipeline", "show", pipeline_id).stdout)
+    assert [s["name"] for s in shown["steps"]] == ["train", "evaluate"]
+    assert "cancelled" in cli("pipeline", "cancel", pipeline_id).stdout
+    followed = cli("pipeline", "follow", pipeline_id, ok=False)
+    assert f"pipeline {pipeline_id}: cancelled" in followed.stdout and "└ evaluate (eval)" in followed.stderr
+    listed = cli("pipeline", "templates").stdout
+    assert "distill-chain:" in listed and "teacher_epochs (default 10)" in listed
+    assert "not found" in cli("pipeline", "show", "00000000-0000-0000-0000-000000000000", ok=False).stderr

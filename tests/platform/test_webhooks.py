@@ -195,6 +195,35 @@ def test_webhooks_are_project_scoped_and_urls_validated(client, auth):
     assert client.get(f"/v1/webhooks/{hook['id']}/deliveries", headers=auth).status_code == 404
 
 
+def test_hooks_to_internal_addresses_are_refused_where_private_targets_are_not_allowed(client, auth, monkeypatch):
+    """SSRF: in prod (or with CRUCIBLE_WEBHOOK_ALLOW_PRIVATE=false) a project cannot make the scheduler call the
+    cloud metadata endpoint, loopback or cluster-internal services - not at registration, not at delivery."""
+    from shared.config import reset_settings
+
+    rx = Receiver()
+    hook = _hook(client, auth, rx.url)  # registered while private targets were allowed (test env)
+    monkeypatch.setenv("CRUCIBLE_WEBHOOK_ALLOW_PRIVATE", "false")
+    reset_settings()
+    courier = Courier(get_settings())
+    try:
+        for bad in ("http://127.0.0.1:9/x", "http://10.1.2.3/x", "http://169.254.169.254/latest/meta-data",
+                    "http://[::1]/x", "http://[::ffff:127.0.0.1]/x", "http://localhost:8000/x", "http://0.0.0.0/x"):
+            r = client.post("/v1/webhooks", json={"url": bad}, headers=auth)
+            assert r.status_code == 422, (bad, r.json())
+            assert r.json()["detail"][0]["loc"][-1] == "url" and "ALLOW_PRIVATE" in r.json()["detail"][0]["msg"]
+        _only_ours([hook["id"]])
+        with session_scope() as s:
+            lifecycle.cancel(s, s.get(Job, _submit(client, auth)))
+        wait(courier.run_once(), timeout=10)
+        row = _deliveries(client, auth, hook["id"])[0]
+        assert rx.hits == [] and row["status"] == "pending" and "127.0.0.1" in row["last_error"]
+    finally:
+        courier.close()
+        rx.close()
+        monkeypatch.delenv("CRUCIBLE_WEBHOOK_ALLOW_PRIVATE")
+        reset_settings()
+
+
 def test_pipelines_that_end_are_notified(client, auth):
     from services.scheduler.reconciler import reconcile_once
 

@@ -23,7 +23,7 @@ from shared.data import (
     load_dataset,
 )
 from shared.data import shapes as shapes_mod
-from shared.data.archives import plan_layout, safe_relpath
+from shared.data.layout import plan_layout, safe_relpath
 
 # --- shapes ----------------------------------------------------------------------------------------
 

@@ -260,6 +260,48 @@ class JobContext(Generic[SpecT]):
                    size=obj.size, meta=meta or {})
         return str(obj.key)
 
+    def save_dataset(self, directory: Path, *, name: str, format: str = "images", output: str | None = None,
+                     stats: dict[str, Any] | None = None, meta: dict[str, Any] | None = None) -> None:
+        """Store ``directory`` as a new dataset the job made: the next version of ``name`` in the job's project,
+        descended from the job's input dataset and checkpoints; with ``output``, its id is that named output
+        (a pipeline's next step passes ``dataset: ${steps.<step>.outputs.<output>}``).
+
+        Format "images" is an ImageFolder tree (``train/<class>/...``, optional ``test/<class>/...``) plus any
+        non-image files at its root (a manifest, captions): they are validated like an upload, and a later job
+        finds the root files beside the images in ``ctx.inputs["dataset"]["path"]``. Other formats are stored
+        as they are, with the caller's ``stats``. The archive is deterministic (sorted, no timestamps), so the
+        same content is the same object and not a new version."""
+        if not self.is_main:
+            return
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ValueError(f"save_dataset: {directory} is not a directory")
+        archive = self.workdir / f"dataset-{name}.tar"
+        _deterministic_tar(directory, archive)
+        try:
+            if format == "images":
+                from shared.data.archives import inspect_archive
+                from shared.datasets import archive_stats
+
+                stats = {**archive_stats(inspect_archive(archive)), **(stats or {})}
+            obj = self.store.put_file(archive)
+        finally:
+            archive.unlink(missing_ok=True)
+        self.event("dataset", name=name, format=format, key=obj.key, sha256=obj.sha256, size=obj.size,
+                   stats=stats or {}, meta=meta or {}, output=output)
+
+
+def _deterministic_tar(directory: Path, archive: Path) -> None:
+    """A plain tar of ``directory``'s files in sorted order with zeroed owners and times (same files → same bytes)."""
+    import tarfile
+
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            info = tarfile.TarInfo(path.relative_to(directory).as_posix())
+            info.size, info.mtime, info.mode = path.stat().st_size, 0, 0o644
+            with open(path, "rb") as f:
+                tar.addfile(info, f)
+
 
 def _drop_line(line: str) -> None:
     """Event sink of non-zero ranks."""

@@ -76,7 +76,7 @@ class EventRelay:
         elif isinstance(event, protocol.Metrics):
             self._points.extend((k, v, event.step) for k, v in event.values.items())
             self._events.append(("metrics", {"step": event.step, "values": event.values}))
-        elif isinstance(event, protocol.Checkpoint | protocol.Artifact):
+        elif isinstance(event, protocol.Checkpoint | protocol.Artifact | protocol.Dataset):
             self._artifacts.append(event.model_dump(mode="json"))
         elif isinstance(event, protocol.Output):
             self._outputs[event.name] = event.value
@@ -150,6 +150,9 @@ class EventRelay:
 
     def _record_artifact(self, s: Any, art: dict[str, Any], bucket: str) -> None:
         job = s.get(Job, self.job_id)
+        if art["type"] == "dataset":
+            self._record_dataset(s, job, art, bucket)
+            return
         is_ckpt = art["type"] == "checkpoint"
         meta = {k: art.get(k) for k in ("epoch", "step", "final", "critical")} if is_ckpt else art.get("meta", {})
         row = Artifact(project_id=job.project_id, kind="checkpoint" if is_ckpt else art.get("artifact_kind", "file"),
@@ -199,6 +202,30 @@ class EventRelay:
             except Exception as e:
                 log.warning("job %s: could not register %s in the MLflow model registry: %s", self.job_id,
                             reg["name"], e)
+
+    def _record_dataset(self, s: Any, job: Job, art: dict[str, Any], bucket: str) -> None:
+        """A dataset the job made: the next version of its name, with lineage, and its id as the named output."""
+        from shared.datasets import VersionTaken, record_dataset
+
+        meta = {**art.get("meta", {}), "format": art["format"], "made_by_job": str(self.job_id)}
+        for _ in range(5):  # another writer of the same name took the version number: take the next one
+            try:
+                ds, row = record_dataset(s, project_id=job.project_id, name=art["name"], source="archive",
+                                         bucket=bucket, key=art["key"], sha256=art["sha256"], size=int(art["size"]),
+                                         stats=art.get("stats", {}), meta=meta, job_id=self.job_id,
+                                         attempt=self.attempt)
+                break
+            except VersionTaken:
+                continue
+        else:
+            raise RuntimeError(f"could not record dataset {art['name']!r}: its versions keep being taken")
+        if row is not None:
+            parents = [self._dataset_artifact, self._last_checkpoint, *self._input_artifacts]
+            link_parents(s, row.id, [p for p in parents if p is not None])
+        lifecycle.add_event(s, self.job_id, self.attempt, "dataset", dataset_id=str(ds.id), name=ds.name,
+                            version=ds.version)
+        if art.get("output"):
+            job.outputs = {**(job.outputs or {}), art["output"]: str(ds.id)}
 
     def _flush_mlflow(self) -> None:
         if self.run_id is None or (not self._points and not self._tags):

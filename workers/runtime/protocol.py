@@ -24,6 +24,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
+from shared.specs.common import DATASET_NAME_PATTERN
+
 EVENT_PREFIX = "@@crucible "  # kept on channel lines so a captured channel reads like the old log format
 EXIT_OK = 0
 EXIT_CONFIG = 3
@@ -86,6 +88,21 @@ class Artifact(_Event):
     meta: dict[str, Any] = Field(default_factory=dict)
 
 
+class Dataset(_Event):
+    """A dataset the job made (``ctx.save_dataset``): stored as an archive, recorded by the supervisor as the next
+    version of ``name`` in the job's project; with ``output`` its id becomes that named output."""
+
+    type: Literal["dataset"] = "dataset"
+    name: str = Field(pattern=DATASET_NAME_PATTERN)
+    format: str = Field("images", min_length=1, max_length=32)
+    key: str = Field(min_length=1, max_length=1024)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    size: int = Field(ge=0)
+    stats: dict[str, Any] = Field(default_factory=dict)
+    meta: dict[str, Any] = Field(default_factory=dict)
+    output: _NAME | None = None
+
+
 class Output(_Event):
     """A named JSON value the job produced (``ctx.save_output``), e.g. the list a pipeline step fans out over."""
 
@@ -101,7 +118,7 @@ class Result(_Event):
     _finite = field_validator("values")(_finite_values)
 
 
-Event = Annotated[Progress | Metrics | Checkpoint | Artifact | Output | Result, Field(discriminator="type")]
+Event = Annotated[Progress | Metrics | Checkpoint | Artifact | Dataset | Output | Result, Field(discriminator="type")]
 EVENT_ADAPTER: TypeAdapter[Event] = TypeAdapter(Event)
 
 
