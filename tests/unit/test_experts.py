@@ -233,3 +233,16 @@ def test_the_chain_embed_cluster_experts_set_eval_in_process(tmp_path: Path) -> 
     assert r["routing_accuracy"] > 0.7 and r["oracle_agreement"] > 0.7
     assert r["ppl_routed"] < r["ppl_base"] and all(math.isfinite(r[k]) for k in r)
     assert 0 <= r["fallback_share"] <= 1
+
+
+def test_a_hugging_face_directory_loads_as_a_base_and_a_bad_reference_says_what_to_pass(tmp_path: Path) -> None:
+    tiny = load_base("tiny-random")
+    tiny.model.save_pretrained(tmp_path / "hf")
+    tiny.tokenizer.save_pretrained(tmp_path / "hf")
+    loaded = load_base(str(tmp_path / "hf"))
+    assert fingerprint(loaded.model) == fingerprint(tiny.model)
+    assert loaded.tokenizer("abc")["input_ids"] == tiny.tokenizer("abc")["input_ids"]
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_base(str(tmp_path))
+    with pytest.raises(ValueError, match="smollm2-135m"):
+        TrainExpertSpec(cluster="all", training={"base_model": "gpt-5"})

@@ -192,9 +192,13 @@ def load_base(ref: str, *, device: torch.device | None = None) -> BaseLM:
 
 
 def fingerprint(model: Any) -> str:
-    """sha256 of the model's config and the first and last 64 values of every tensor: cheap (no full hash of
-    the weights) and different for any other base or any other initialisation."""
-    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    """sha256 of the architecture (model type and sizes) and the first and last 64 values of every tensor: cheap
+    (no full hash of the weights), the same for a saved-and-reloaded copy (config metadata such as the library
+    version is left out) and different for any other base or any other initialisation."""
+    cfg = model.config
+    arch = {k: getattr(cfg, k, None) for k in ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
+                                               "num_attention_heads", "intermediate_size")}
+    h = hashlib.sha256(json.dumps(arch, sort_keys=True, default=str).encode())
     for name, t in sorted(model.state_dict().items()):
         flat = t.detach().reshape(-1).float().cpu()
         h.update(name.encode())
