@@ -12,8 +12,8 @@ from workers.evaluator.attack import attack_metrics, heatmap_grid
 from workers.evaluator.linear import LinearProbe
 from workers.poison_scanner.rollout import (
     block,
-    cls_map,
     boxes_overlap,
+    cls_map,
     grad_rollout_maps,
     random_windows,
     rollout_from,
