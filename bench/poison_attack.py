@@ -117,7 +117,7 @@ def stage_kd(args: argparse.Namespace) -> None:
         "teachers": ["artifact:00000000-0000-0000-0000-000000000000"], "bank_size": subset // 64 * 64,
         "batch_size": 64, "epochs": args.kd_epochs, "knn_k": [20], "seed": 0})
     clean = load_dataset({"uri": "builtin://shapes"}, image_size=16, limit_train=subset, limit_test=args.test)
-    ckdir = out / "kd-ckpt"
+    ckdir = out / f"kd-ckpt-{args.epochs}"
     ctx = LocalContext(spec, checkpoint_dir=ckdir)
     t0 = time.perf_counter()
     distill(spec, clean, [str(teacher)], ctx=ctx, device=torch.device("cpu"))
