@@ -75,7 +75,9 @@ def attack_metrics(pred_clean: np.ndarray, y_clean: np.ndarray, pred_patched: np
 def fit_probe(train_x: Tensor, train_y: Tensor, num_classes: int, opts: LinearProbeOptions, *, seed: int,
               device: torch.device) -> LinearProbe:
     """The reference probe on cached features: SGD, LR x0.1 at each milestone, ``opts.epochs`` epochs."""
-    probe = LinearProbe.from_features(train_x, num_classes).to(device)
+    with torch.random.fork_rng(devices=[]):  # a seeded head init: two calls give the same probe
+        torch.manual_seed(seed)
+        probe = LinearProbe.from_features(train_x, num_classes).to(device)
     opt = torch.optim.SGD(probe.parameters(), lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(opts.milestones), gamma=0.1)
     g = torch.Generator().manual_seed(seed)
