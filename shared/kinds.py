@@ -136,7 +136,7 @@ WORKER_KIND_DECLARATIONS: tuple[WorkerKind, ...] = (
 
 JOB_KIND_DECLARATIONS: tuple[JobKind, ...] = (
     JobKind("ssl-train", "shared.specs.ssl_train:SslTrainSpec", "ssl-trainer", "workers.ssl_trainer.train:run",
-            "self-supervised pre-training (MSF, BYOL, CMSF, ISD)"),
+            "self-supervised pre-training (MSF, BYOL, CMSF, ISD, MoCo v2, SimCLR)"),
     # evaluation runs where the vision stack and GPUs already are
     JobKind("eval", "shared.specs.eval:EvalSpec", "ssl-trainer", "workers.evaluator.run:run",
             "k-NN and linear-probe evaluation of any checkpoint"),

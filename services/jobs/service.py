@@ -94,6 +94,11 @@ def _resolve_inputs(session: Session, project_id: uuid.UUID, spec: JobSpecBase) 
         if train is not None:
             for loc, msg in spec.dataset_problems(int(train)):
                 raise Invalid(msg, loc=["body", loc])
+        classes = resolved.get("stats", {}).get("classes")
+        class_problems = getattr(spec, "dataset_class_problems", None)  # e.g. poison's target_class
+        if classes and class_problems is not None:
+            for loc, msg in class_problems(list(classes)):
+                raise Invalid(msg, loc=["body", loc])
         inputs["dataset"] = resolved
     return inputs
 

@@ -35,6 +35,10 @@ class AttackOptions(StrictModel):
     """Protocol ``attack`` (workers/evaluator/attack.py): backdoor metrics on a dataset made by a poison job;
     ``block``: the ViT test-time blocking defense (attention-gradient rollout) with its random-block control."""
 
+    probe_includes_poisons: bool | None = Field(
+        None, description="train the probe on the poisoned images too (the ViT-backdoor threat model: the head is "
+                          "trained on poisoned labelled data). Default: yes for a badnets-mode dataset, no for "
+                          "ssl mode (the victim's labelled data is clean)")
     block: bool = Field(False, description="mask the most-attended window and classify again (ViT backbones)")
     block_size: int | None = Field(None, ge=1, le=512, description="window side; default the trigger's side")
     block_fill: Literal["black", "mean"] = Field("black", description="black: 0 in pixel space (the reference); "

@@ -5,7 +5,9 @@ Protocol:
 
 1. Ground truth from ``poison_manifest.json`` (never from file names): the poisoned training images are LEFT
    OUT of the probe's training set (the victim trains its head on CLEAN labelled data), and a class-balanced
-   ``train_fraction`` of the clean rest is the labelled set.
+   ``train_fraction`` of the clean rest is the labelled set. For a ``badnets`` dataset (or with
+   ``attack.probe_includes_poisons``) they stay in: there the head training data is what is poisoned (§3.1, the
+   ViT-backdoor setting: a frozen backbone, only the head trained on the poisoned labels).
 2. Linear probe on the frozen backbone (``L2-normalise -> standardise -> linear``, the spec's ``linear`` options,
    cached features: no augmentation).
 3. The same head on the clean test set and on the patched test set (``patched_test.npy``: the non-target test
@@ -73,7 +75,9 @@ def attack_metrics(pred_clean: np.ndarray, y_clean: np.ndarray, pred_patched: np
 def fit_probe(train_x: Tensor, train_y: Tensor, num_classes: int, opts: LinearProbeOptions, *, seed: int,
               device: torch.device) -> LinearProbe:
     """The reference probe on cached features: SGD, LR x0.1 at each milestone, ``opts.epochs`` epochs."""
-    probe = LinearProbe.from_features(train_x, num_classes).to(device)
+    with torch.random.fork_rng(devices=[]):  # a seeded head init: two calls give the same probe
+        torch.manual_seed(seed)
+        probe = LinearProbe.from_features(train_x, num_classes).to(device)
     opt = torch.optim.SGD(probe.parameters(), lr=opts.lr, momentum=opts.momentum, weight_decay=opts.weight_decay)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(opts.milestones), gamma=0.1)
     g = torch.Generator().manual_seed(seed)
@@ -115,12 +119,16 @@ def attack_eval(spec: EvalSpec, dataset: ImageDataset, encoder: nn.Module, meta:
     from workers.evaluator.run import labelled_subset
 
     mask = poisoned_mask(manifest, root, limit_train=spec.limit_train)
-    clean_rows = np.flatnonzero(~mask)
+    include = spec.attack.probe_includes_poisons
+    if include is None:
+        include = getattr(manifest, "mode", "ssl") == "badnets"
+    clean_rows = np.arange(len(mask)) if include else np.flatnonzero(~mask)
     rows = clean_rows[labelled_subset(dataset.train_labels[clean_rows], spec.train_fraction, spec.seed)]
     target, n_cls = manifest.target_index, dataset.num_classes
     mean, std = meta["normalization"]["mean"], meta["normalization"]["std"]
     transform = EvalTransform(mean, std)
-    ctx.log(f"attack: probe on {len(rows)} clean labelled images ({int(mask.sum())} poisoned left out), "
+    ctx.log(f"attack: probe on {len(rows)} labelled images ({int(mask.sum())} poisoned "
+            f"{'kept in' if include else 'left out'}), "
             f"{len(dataset.test_labels)} clean / {len(patched_y)} patched test images, target "
             f"{manifest.target_class!r}")
     f_train = _features(encoder, dataset.train_images[rows], dataset.train_labels[rows], transform, device)
@@ -133,6 +141,7 @@ def attack_eval(spec: EvalSpec, dataset: ImageDataset, encoder: nn.Module, meta:
         pred_patched = probe(f_patched.to(device)).argmax(1).cpu().numpy()
     result = attack_metrics(pred_clean, dataset.test_labels, pred_patched, patched_y, target, n_cls)
     result["attack_probe_images"] = float(len(rows))
+    result["attack_probe_poisoned_images"] = float(mask[rows].sum())
     if spec.attack.block:
         backbone = getattr(encoder, "backbone", encoder)
         if getattr(backbone, "family", "") != "vit":
