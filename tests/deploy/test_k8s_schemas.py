@@ -13,7 +13,8 @@ from tests.deploy.conftest import OVERLAYS, find
 K8S_VERSIONS = ("1.30.0", "1.37.0")
 
 # Custom resources: kubernetes-validate has only the built-in API. test_k8s_rules.py checks these structurally.
-CRD_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {("keda.sh/v1alpha1", "ScaledObject"), ("monitoring.coreos.com/v1", "ServiceMonitor"),
+             ("monitoring.coreos.com/v1", "PodMonitor")}  # the router's: tests/deploy/test_router_k8s.py
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

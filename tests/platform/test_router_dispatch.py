@@ -113,6 +113,17 @@ def test_route_and_generate_reach_a_replica_holding_the_expert(start: Any, redis
     assert "".join(p.text for p in pieces[:-1]) == pieces[-1].text and len(pieces) >= 2
     assert {t.replica_id: t.experts for t in table} == {a.replica.id: ["e0", "e1"], b.replica.id: ["e2"]}
     assert all(t.state == "ready" for t in table)
+    # per-expert Prometheus metrics on the replica's own /metrics (its URL is in the announcement)
+    import urllib.request
+
+    url = next(t.metrics_url for t in table if t.replica_id == b.replica.id)
+    assert url is not None
+    port = url.rsplit(":", 1)[1]
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}", timeout=5).read().decode()
+    assert 'crucible_router_requests_total{expert="e2",op="generate"} 1.0' in scraped
+    assert 'crucible_router_adapter_loads_total{expert="e2"} 1.0' in scraped
+    assert 'crucible_router_adapter_resident{expert="e2"} 1.0' in scraped
+    assert "crucible_router_latency_seconds_bucket" in scraped
 
 
 def test_a_replica_that_dies_mid_request_is_retried_on_another_holder(start: Any, redis_url: str) -> None:

@@ -4,6 +4,7 @@ adapter LRU, routing on hand-built vectors, and expert sets that do not fit thei
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -212,3 +213,23 @@ def test_malformed_expert_sets_fail_with_the_field(tmp_path: Path, tiny_set: es.
     tar = es.pack(tiny_set.root, tmp_path / "set.tar")
     again = es.unpack(tar, tmp_path / "unpacked")
     assert again.expert_ids == tiny_set.expert_ids and np.array_equal(again.centroids, tiny_set.centroids)
+
+
+# --- the router job spec ------------------------------------------------------------------------------------
+def test_router_spec_validates_placement_pins_and_the_expert_set_ref() -> None:
+    from pydantic import ValidationError
+
+    from shared.specs import parse_spec
+    from shared.specs.router import RouterSpec
+
+    ref = "artifact:" + "1" * 8 + "-0000-0000-0000-" + "1" * 12
+    spec = parse_spec({"kind": "router", "expert_set": ref.removeprefix("artifact:")})
+    assert isinstance(spec, RouterSpec) and spec.expert_set == ref  # a bare id is an artifact
+    assert spec.checkpoint_inputs() == {"expert_set": ref} and spec.resources.max_runtime_s == 30 * 24 * 3600
+    assert RouterSpec.input_artifact_kinds["expert_set"] == ("expert-set", "checkpoint")
+    for bad, field in (({"placement": {"shard": 2, "shards": 2}}, "shard must be below shards"),
+                       ({"experts": ["e0"], "pinned": ["e1"]}, "pinned experts ['e1'] are not in experts"),
+                       ({"experts": ["e0", "e0"]}, "lists an expert twice"),
+                       ({"expert_set": "s3://x"}, "must be job:<job id>, artifact:<artifact id>")):
+        with pytest.raises(ValidationError, match=re.escape(field)):
+            RouterSpec.model_validate({"kind": "router", "expert_set": ref, **bad})

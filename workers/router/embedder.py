@@ -34,10 +34,12 @@ def base_mean(model: Any, tokenizer: Any, texts: Sequence[str], *, max_length: i
                         add_special_tokens=False)
     finally:
         tokenizer.padding_side = side
+    device = next(iter(model.parameters())).device
     with torch.inference_mode():
-        out = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask, output_hidden_states=True)
+        out = model(input_ids=enc.input_ids.to(device), attention_mask=enc.attention_mask.to(device),
+                    output_hidden_states=True)
     h = out.hidden_states[-1]
-    mask = enc.attention_mask.unsqueeze(-1).to(h.dtype)
+    mask = enc.attention_mask.to(device).unsqueeze(-1).to(h.dtype)
     pooled = ((h * mask).sum(1) / mask.sum(1).clamp(min=1)).float().cpu().numpy()
     return _normalise(pooled)
 

@@ -117,6 +117,10 @@ class Engine:
         return self.peft if self.peft is not None else self.base.model
 
     @property
+    def device(self) -> Any:
+        return next(iter(self.base.model.parameters())).device
+
+    @property
     def context_length(self) -> int:
         return self.base.max_positions
 
@@ -170,7 +174,7 @@ class Engine:
         adapters = sorted({e for e in experts if e is not None})
         loaded = self.cache.acquire(adapters) if adapters else []
         try:
-            enc = self.tokenizer([r.prompt for r in rows], return_tensors="pt", padding=True)
+            enc = self.tokenizer([r.prompt for r in rows], return_tensors="pt", padding=True).to(self.device)
             model = self.model
             eos = self.tokenizer.eos_token_id
             streamer = _RowStreamer(rows, self.tokenizer, eos)
@@ -201,7 +205,7 @@ class Engine:
         adapters = sorted({e for e in experts if e is not None})
         loaded = self.cache.acquire(adapters) if adapters else []
         try:
-            enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True)
+            enc = self.tokenizer(list(prompts), return_tensors="pt", padding=True).to(self.device)
             with torch.inference_mode():
                 if not adapters:
                     if self.peft is None:
