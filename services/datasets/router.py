@@ -72,7 +72,7 @@ async def create_dataset(request: Request, project: ProjectDep, session: Session
     form = await request.form(max_files=1, max_fields=5)
     name, upload, fmt = form.get("name"), form.get("file"), form.get("format") or "images"
     if not isinstance(fmt, str) or fmt not in service.FORMATS:
-        raise Invalid(f"unknown format {str(fmt)[:40]!r}; one of: {', '.join(service.FORMATS)}",
+        raise Invalid(f"format must be one of: {', '.join(service.FORMATS)} (got {str(fmt)[:40]!r})",
                       loc=["body", "format"])
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise Invalid("required: 1-128 letters, digits, '.', '_' or '-'", loc=["body", "name"])

@@ -56,6 +56,8 @@ def resolve_ref(*, session: Session, project_id: uuid.UUID, ref: str) -> dict[st
                            "version": ds.version, "artifact_id": str(art.id), "source": ds.source,
                            "bucket": art.bucket, "sha256": art.sha256, "stats": ds.stats}
     out["key" if ds.source == "archive" else "prefix"] = art.key
+    if art.meta.get("format"):
+        out["format"] = art.meta["format"]  # how the worker materialises it (absent: an ImageFolder)
     return out
 
 
