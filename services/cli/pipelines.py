@@ -4,17 +4,15 @@ retry and list templates."""
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from services.cli.client import Client
+from services.cli.progress import follow_bars
 
 pipeline_app = typer.Typer(help="Pipelines: DAGs of jobs, with fan-out and templates.", no_args_is_help=True)
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def _friendly(fn: Any) -> Any:
@@ -97,32 +95,7 @@ def follow(pipeline_id: str, interval: float = 1.0) -> None:
 
 
 def _follow(pipeline_id: str, interval: float = 1.0) -> None:
-    from tqdm import tqdm
-
-    client = Client()
-    bars: list[tqdm] = []
-    p: dict[str, Any] = {}
-    try:
-        while True:
-            p = client.request("GET", f"/v1/pipelines/{pipeline_id}")
-            lines = render_tree(p)
-            while len(bars) < len(lines):
-                bars.append(tqdm(total=100, position=len(bars), leave=True, dynamic_ncols=True, file=sys.stderr,
-                                 bar_format="{desc:60.60} {percentage:3.0f}%|{bar}|"))
-            for bar, (label, progress) in zip(bars, lines, strict=False):
-                bar.set_description_str(label, refresh=False)
-                bar.n = round(progress * 100, 1)
-                bar.refresh()
-            if p["status"] in TERMINAL:
-                break
-            time.sleep(interval)
-    finally:
-        for bar in bars:
-            bar.close()
-    typer.echo(f"pipeline {pipeline_id}: {p.get('status')}"
-               + (f" - {p['status_reason']}" if p.get("status_reason") else ""))
-    if p.get("status") != "succeeded":
-        raise typer.Exit(1)
+    follow_bars("pipeline", pipeline_id, f"/v1/pipelines/{pipeline_id}", render_tree, interval=interval, width=60)
 
 
 @pipeline_app.command("show")

@@ -4,18 +4,16 @@ follow its trials live with progress bars, print the best trial and its checkpoi
 from __future__ import annotations
 
 import json
-import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from services.cli.client import Client
+from services.cli.progress import follow_bars
 
 sweep_app = typer.Typer(help="Sweeps: hyper-parameter search (optuna: grid, random, TPE; ASHA early stopping).",
                         no_args_is_help=True)
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def _friendly(fn: Any) -> Any:
@@ -79,31 +77,7 @@ def follow(sweep_id: str, interval: float = 1.0) -> None:
 
 
 def _follow(sweep_id: str, interval: float = 1.0) -> None:
-    from tqdm import tqdm
-
-    client = Client()
-    bars: list[tqdm] = []
-    s: dict[str, Any] = {}
-    try:
-        while True:
-            s = client.request("GET", f"/v1/sweeps/{sweep_id}")
-            lines = render(s)
-            while len(bars) < len(lines):
-                bars.append(tqdm(total=100, position=len(bars), leave=True, dynamic_ncols=True, file=sys.stderr,
-                                 bar_format="{desc:70.70} {percentage:3.0f}%|{bar}|"))
-            for bar, (label, progress) in zip(bars, lines, strict=False):
-                bar.set_description_str(label, refresh=False)
-                bar.n = round(progress * 100, 1)
-                bar.refresh()
-            if s["status"] in TERMINAL:
-                break
-            time.sleep(interval)
-    finally:
-        for bar in bars:
-            bar.close()
-    typer.echo(f"sweep {sweep_id}: {s.get('status')}" + (f" - {s['status_reason']}" if s.get("status_reason") else ""))
-    if s.get("status") != "succeeded":
-        raise typer.Exit(1)
+    follow_bars("sweep", sweep_id, f"/v1/sweeps/{sweep_id}", render, interval=interval, width=70)
 
 
 @sweep_app.command("best")
