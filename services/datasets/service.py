@@ -107,14 +107,21 @@ def upload_archive(*, session: Session, project_id: uuid.UUID, name: str, path: 
         except ArchiveError as e:
             raise Invalid(f"archive rejected: {e}", loc=["body", "file"]) from None
         extra_stats = _format_stats(format, path)
+    return _store_and_record(session, store, path, project_id=project_id, name=name,
+                             stats=archive_stats(report) | extra_stats,
+                             meta={"filename": filename} | ({"format": format} if format != "images" else {}))
+
+
+def _store_and_record(session: Session, store: ObjectStore, path: Path, *, project_id: uuid.UUID, name: str,
+                      stats: dict[str, Any], meta: dict[str, Any]) -> Dataset:
+    """Store a validated upload content-addressed and record it as the next version of ``name``; if recording
+    fails the object is removed again unless it was there before or another row uses it (no orphans)."""
     digest = sha256_file(path)
-    stats = archive_stats(report) | extra_stats
     already_stored = store.exists(CAS_PREFIX + digest)
     obj = store.put_file(path, sha256=digest)
     try:
         ds = _record(session, project_id=project_id, name=name, source="archive", bucket=obj.bucket, key=obj.key,
-                     sha256=digest, size=obj.size, stats=stats,
-                     meta={"filename": filename} | ({"format": format} if format != "images" else {}))
+                     sha256=digest, size=obj.size, stats=stats, meta=meta)
         session.commit()
     except BaseException:
         session.rollback()
@@ -154,19 +161,8 @@ def upload_text(*, session: Session, project_id: uuid.UUID, name: str, path: Pat
     with tempfile.TemporaryDirectory(prefix="crucible-corpus-") as tmp:
         canonical = Path(tmp) / "corpus.jsonl"
         canonical.write_bytes(canonical_jsonl(report.corpus))
-        digest = sha256_file(canonical)
-        already_stored = store.exists(CAS_PREFIX + digest)
-        obj = store.put_file(canonical, sha256=digest)
-    try:
-        ds = _record(session, project_id=project_id, name=name, source="archive", bucket=obj.bucket, key=obj.key,
-                     sha256=digest, size=obj.size, stats=report.stats(), meta={"filename": filename, "format": "text"})
-        session.commit()
-    except BaseException:
-        session.rollback()
-        if not already_stored and not _referenced(session, obj.key):
-            store.remove(obj.key)
-        raise
-    return ds
+        return _store_and_record(session, store, canonical, project_id=project_id, name=name,
+                                 stats=report.stats(), meta={"filename": filename, "format": "text"})
 
 
 # Inspecting an archive decodes every image: a CPU-bound few seconds per upload. Bounded per process, so a

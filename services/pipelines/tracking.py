@@ -54,11 +54,17 @@ def sync_runs(tracker_factory: Any, *, batch: int = 100) -> int:
             if pj is not None:
                 pj.run_linked = True
         done += 1
-    for pid, run_id, status in ends:
+    return done + close_runs(tracker, Pipeline, ends)
+
+
+def close_runs(tracker: Any, model: Any, ends: Any) -> int:
+    """Terminate the parent run of every ended pipeline or sweep (``ends``: rows of ``(id, run_id, status)`` of
+    ``model``) with MLflow's status for it, and mark it closed unless its status changed meanwhile (a retry
+    reopened it: the next cycle closes it again). Returns how many runs were closed."""
+    for row_id, run_id, status in ends:
         tracker.client.set_terminated(run_id, status=STATUS.get(status, "FAILED"))
         with session_scope() as s:
-            p = s.get(Pipeline, pid)
-            if p is not None and p.status == status:
-                p.mlflow_closed = True
-        done += 1
-    return done
+            row = s.get(model, row_id)
+            if row is not None and row.status == status:
+                row.mlflow_closed = True
+    return len(ends)

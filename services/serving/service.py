@@ -142,14 +142,23 @@ async def _choose(d: dispatch.Dispatcher, set_id: str, body: GenerateIn, deadlin
     return (None if reply.fallback else reply.expert), reply.expert, reply.margin
 
 
-async def generate(*, project_id: uuid.UUID, body: GenerateIn) -> GenerateOut:
+async def _prepare(project_id: uuid.UUID, body: GenerateIn, *, stream: bool) -> tuple[
+        str, str, dispatch.Dispatcher, list[serving.Announcement], serving.Request, str | None]:
+    """Resolve the set, find its replicas, route (unless the expert is given): ``(artifact id, set id,
+    dispatcher, table, the generate request, the routed expert)``; the request carries the deadline."""
     art_id, set_id = await resolve_expert_set(project_id=project_id, ref=body.expert_set)
-    t0 = time.monotonic()
     deadline = time.time() + body.timeout_s
     d, table = await _scoped(project_id, set_id)
     expert, routed, margin = await _choose(d, set_id, body, deadline, table)
     req = serving.Request(id=uuid.uuid4().hex, op="generate", text=body.text, expert=expert, margin=margin,
-                          max_new_tokens=body.max_new_tokens or 0, deadline=deadline)
+                          max_new_tokens=body.max_new_tokens or 0, stream=stream, deadline=deadline)
+    return art_id, set_id, d, table, req, routed
+
+
+async def generate(*, project_id: uuid.UUID, body: GenerateIn) -> GenerateOut:
+    t0 = time.monotonic()
+    art_id, set_id, d, table, req, routed = await _prepare(project_id, body, stream=False)
+    expert, margin = req.expert, req.margin
     reply = await dispatch.call(d, set_id, req, table=table)
     return GenerateOut(expert_set=art_id, expert=expert, routed_to=routed, margin=margin,
                        fallback=expert is None, text=reply.text, tokens=reply.tokens, finish=reply.finish,
@@ -161,13 +170,9 @@ async def generate_stream(*, project_id: uuid.UUID, body: GenerateIn) -> AsyncIt
 
     Everything up to the replica's first reply happens before this returns, so an unknown set, no replica,
     a prompt longer than the context or a deadline are plain HTTP errors, not a 200 stream that fails."""
-    art_id, set_id = await resolve_expert_set(project_id=project_id, ref=body.expert_set)
     t0 = time.monotonic()
-    deadline = time.time() + body.timeout_s
-    d, table = await _scoped(project_id, set_id)
-    expert, routed, margin = await _choose(d, set_id, body, deadline, table)
-    req = serving.Request(id=uuid.uuid4().hex, op="generate", text=body.text, expert=expert, margin=margin,
-                          max_new_tokens=body.max_new_tokens or 0, stream=True, deadline=deadline)
+    art_id, set_id, d, table, req, routed = await _prepare(project_id, body, stream=True)
+    expert, margin = req.expert, req.margin
     replies: AsyncGenerator[serving.Reply, None] = d.exchange(set_id, req, table=table)
     first = await replies.__anext__()
     head = {"expert_set": art_id, "expert": expert, "routed_to": routed, "margin": margin, "fallback": expert is None}

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from sqlalchemy import CursorResult, select, update
 
-from services.pipelines.tracking import STATUS
+from services.pipelines.tracking import close_runs
 from shared.db import session_scope
 from shared.models import Job, Project, Sweep, SweepTrial
 
@@ -70,14 +70,7 @@ def sync_runs(tracker_factory: Any, *, batch: int = 100) -> int:
             if sweep is not None:
                 sweep.mlflow_best_logged = int(best["trial"])
         done += 1
-    for sid, run_id, status in ends:
-        tracker.client.set_terminated(run_id, status=STATUS.get(status, "FAILED"))
-        with session_scope() as s:
-            sweep = s.get(Sweep, sid)
-            if sweep is not None and sweep.status == status:
-                sweep.mlflow_closed = True
-        done += 1
-    return done
+    return done + close_runs(tracker, Sweep, ends)
 
 
 def _params(definition: dict[str, Any]) -> list[Any]:
