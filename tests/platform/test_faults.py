@@ -279,3 +279,60 @@ def test_redis_restart_during_submissions_loses_no_job(api, private_redis):
     localstack.wait_until(all_published_since_restart, timeout=40, what="every job published after the restart")
     depth = redis.Redis(port=int(private_redis["port"])).llen("crucible.ssl-trainer")  # type: ignore[arg-type]
     assert depth >= len(ids)
+
+
+@pytest.mark.integration
+def test_redis_stopped_mid_route_request_is_a_503_within_seconds_not_a_hang(api, private_redis):
+    """A /v1/route waiting on a replica's reply when Redis dies: the waiting request and the next ones answer 503
+    (Retry-After) within seconds instead of hanging until their deadline; after the restart the API serves
+    again (here: 503 "no ready router replica", the fake replica's announcement died with Redis)."""
+    import redis
+
+    from shared import serving
+    from shared.models import Artifact, Project
+
+    http = httpx.Client(base_url=str(api["url"]), headers={"Authorization": f"Bearer {api['token']}"}, timeout=60)
+    job_id = http.post("/v1/jobs", json=SPEC).json()["id"]  # the fake replica's job: the API checks the project
+    with Session(api["engine"]) as s, s.begin():  # type: ignore[arg-type]
+        project = s.scalars(select(Project).where(Project.name.like("faults-%"))).one()
+        art = Artifact(project_id=project.id, kind="expert-set", name="faults-set", bucket="b", key="k/set.tar",
+                       sha256="f" * 64, size_bytes=1, meta={})
+        s.add(art)
+        s.flush()
+        art_id, project_id = str(art.id), str(project.id)
+    # a replica that announces itself ready and never answers: the request waits on its reply list
+    r = redis.Redis(port=int(private_redis["port"]))  # type: ignore[arg-type]
+    ann = serving.Announcement(replica_id="fake-replica", job_id=job_id, project_id=project_id, expert_set=art_id,
+                               expert_set_name="faults-set", experts=["e0"], all_experts=["e0"], state="ready",
+                               fallback_margin=0.0, context_length=512, max_new_tokens=8)
+    r.set(serving.replica_key("fake-replica"), ann.model_dump_json(), ex=120)
+    r.sadd(serving.set_index_key("f" * 64), "fake-replica")
+
+    answer: dict[str, object] = {}
+
+    def ask() -> None:
+        t0 = time.monotonic()
+        resp = http.post("/v1/route", json={"expert_set": art_id, "text": "hello", "timeout_s": 60})
+        answer.update(code=resp.status_code, at=time.monotonic(), took=time.monotonic() - t0,
+                      retry=resp.headers.get("retry-after"), body=resp.text)
+
+    waiting = threading.Thread(target=ask, daemon=True)
+    waiting.start()
+    localstack.wait_until(lambda: r.llen(serving.queue_key("fake-replica")) == 1, timeout=20,
+                          what="the route request queued for the fake replica")
+    localstack.stop(private_redis["proc"])  # type: ignore[arg-type]
+    stopped = time.monotonic()
+    try:
+        waiting.join(timeout=30)
+        assert not waiting.is_alive(), "the waiting request hung after Redis stopped"
+        assert answer["code"] == 503 and answer["retry"], answer
+        assert float(answer["at"]) - stopped < 8, answer  # type: ignore[arg-type]
+        code, took = _timed(http, "POST", "/v1/route")  # no body: validation answers first, Redis is not needed
+        assert code == 422
+        down = http.post("/v1/generate", json={"expert_set": art_id, "text": "hello", "timeout_s": 60})
+        assert down.status_code == 503 and "broker" in down.text, down.text
+    finally:
+        private_redis["start"]()  # type: ignore[operator]
+    after = http.post("/v1/route", json={"expert_set": art_id, "text": "hello", "timeout_s": 5})
+    assert after.status_code == 503 and "no ready router replica" in after.text, after.text
+    http.close()
