@@ -10,26 +10,20 @@ from typing import Annotated, Any
 import typer
 
 from services.cli.client import Client
+from services.cli.common import friendly, load_yaml_mapping
 from services.cli.progress import follow_bars
 
 pipeline_app = typer.Typer(help="Pipelines: DAGs of jobs, with fan-out and templates.", no_args_is_help=True)
 
 
-def _friendly(fn: Any) -> Any:
-    from services.cli.main import friendly
-
-    return friendly(fn)
+_friendly = friendly
 
 
 def _load(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        body = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(body, dict) or not ({"steps", "template"} & set(body)):
-        raise ValueError(f"{path} must hold a mapping with `steps` (step name -> job spec) or `template`")
+    needs = "`steps` (step name -> job spec) or `template`"
+    body = load_yaml_mapping(path, needs=needs)
+    if not {"steps", "template"} & set(body):
+        raise ValueError(f"{path} must hold a mapping with {needs}")
     return body
 
 

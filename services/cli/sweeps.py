@@ -10,27 +10,21 @@ from typing import Annotated, Any
 import typer
 
 from services.cli.client import Client
+from services.cli.common import friendly, load_yaml_mapping
 from services.cli.progress import follow_bars
 
 sweep_app = typer.Typer(help="Sweeps: hyper-parameter search (optuna: grid, random, TPE; ASHA early stopping).",
                         no_args_is_help=True)
 
 
-def _friendly(fn: Any) -> Any:
-    from services.cli.main import friendly
-
-    return friendly(fn)
+_friendly = friendly
 
 
 def _load(path: Path) -> dict[str, Any]:
-    import yaml
-
-    try:
-        body = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(body, dict) or not {"base", "search_space", "objective"} <= set(body):
-        raise ValueError(f"{path} must hold a mapping with `base`, `search_space`, `objective` and `max_trials`")
+    needs = "`base`, `search_space`, `objective` and `max_trials`"
+    body = load_yaml_mapping(path, needs=needs)
+    if not {"base", "search_space", "objective"} <= set(body):
+        raise ValueError(f"{path} must hold a mapping with {needs}")
     return body
 
 

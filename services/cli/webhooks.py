@@ -8,14 +8,13 @@ from typing import Annotated
 import typer
 
 from services.cli.client import Client
+from services.cli.common import friendly
 
 webhooks_app = typer.Typer(help="Webhooks: signed POSTs when the project's jobs and pipelines end.",
                            no_args_is_help=True)
 
 
 def _friendly_call(fn: Callable[[], None]) -> None:
-    from services.cli.main import friendly
-
     friendly(fn)()
 
 

@@ -153,7 +153,8 @@ def test_failing_and_hanging_receivers_are_retried_then_failed_without_blocking_
             if attempt == 1:
                 with session_scope() as s:
                     assert dispatch_once(s, Broker(), settings).published == 1
-                assert sent == [str(waiting)] and all(not f.done() for f in futures)
+                # dispatch went ahead while the hanging POST is still open (the 500 one may have finished)
+                assert sent == [str(waiting)] and any(not f.done() for f in futures)
             wait(futures, timeout=10)
             rows = [_deliveries(client, auth, h)[0] for h in hooks]
             assert [r["attempts"] for r in rows] == [attempt, attempt]
