@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     WEBHOOK_MAX_ATTEMPTS: int = Field(8, ge=1)  # then the delivery is marked failed (last_error kept)
     WEBHOOK_BATCH: int = Field(8, ge=1)  # POSTs in flight at once per scheduler (a thread each)
     WEBHOOK_BACKOFF_CAP_SECONDS: float = 600.0  # 2^attempts s (with jitter), at most this
+    # Delivered and failed deliveries older than this are deleted by the scheduler (pending ones never); 0 keeps
+    # them forever. Every job end writes one row per matching webhook, so without a limit the table only grows.
+    WEBHOOK_RETENTION_DAYS: float = Field(30.0, ge=0)
     # Webhooks to loopback, private, link-local (the cloud metadata endpoint) or reserved addresses would let any
     # project make the scheduler call services inside the cluster. Refused in prod unless the operator allows them;
     # allowed in dev/test (a laptop's own receiver). None: decided by ENV.

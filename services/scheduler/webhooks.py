@@ -7,6 +7,9 @@ nothing: dispatch and reconcile run every cycle. Each thread POSTs once and reco
 transaction: 2xx is delivered; anything else is retried after 2^attempts s (with jitter, capped) until
 ``WEBHOOK_MAX_ATTEMPTS``, then the row is failed with its last error. A scheduler that dies mid-POST leaves a
 lease that expires, and another replica retries the row.
+
+Finished rows (delivered or failed) older than ``WEBHOOK_RETENTION_DAYS`` are deleted a batch at a time, at most
+every ``PRUNE_EVERY_S`` per scheduler, so the table stays the size of the recent history.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ import json
 import logging
 import random
 import threading
+import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 
 from shared.config import Settings
 from shared.db import session_scope
@@ -42,6 +46,24 @@ class _Send:
     body: bytes
 
 
+PRUNE_EVERY_S = 300.0
+PRUNE_BATCH = 1000
+
+
+def prune_deliveries(settings: Settings, *, batch: int = PRUNE_BATCH) -> int:
+    """Delete up to ``batch`` delivered/failed deliveries created before the retention window; returns how many.
+    Pending rows are kept whatever their age: they are still owed to a receiver."""
+    if settings.WEBHOOK_RETENTION_DAYS <= 0:
+        return 0
+    cutoff = utcnow() - timedelta(days=settings.WEBHOOK_RETENTION_DAYS)
+    with session_scope() as s:
+        old = (select(WebhookDelivery.id).where(WebhookDelivery.status.in_(("delivered", "failed")),
+                                                WebhookDelivery.created_at < cutoff).limit(batch))
+        result = s.execute(delete(WebhookDelivery).where(WebhookDelivery.id.in_(old))
+                           .execution_options(synchronize_session=False))
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+
+
 def backoff_seconds(attempts: int, settings: Settings) -> float:
     """Wait after the ``attempts``-th failure: 2^attempts s, capped, times a jitter in [0.5, 1]."""
     return min(settings.WEBHOOK_BACKOFF_CAP_SECONDS, 2.0 ** attempts) * random.uniform(0.5, 1.0)
@@ -54,9 +76,15 @@ class Courier:
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="webhook")
         self._in_flight = 0
         self._lock = threading.Lock()
+        self._pruned_at = 0.0
 
     def run_once(self) -> list[Future[str]]:
-        """Lease due deliveries (no more than the pool has room for) and start their POSTs; returns at once."""
+        """Lease due deliveries (no more than the pool has room for) and start their POSTs; returns at once.
+        Every ``PRUNE_EVERY_S`` it also deletes a batch of finished deliveries past their retention."""
+        if time.monotonic() - self._pruned_at >= PRUNE_EVERY_S:
+            self._pruned_at = time.monotonic()
+            if (n := prune_deliveries(self.settings)):
+                log.info("deleted %d webhook deliveries older than %g days", n, self.settings.WEBHOOK_RETENTION_DAYS)
         with self._lock:
             room = self.workers - self._in_flight
         if room <= 0:

@@ -309,3 +309,29 @@ def test_the_scheduler_loop_delivers(client, auth):
         rx.close()
     loop.join(timeout=10)
     assert not loop.is_alive()  # the loop stops when asked, its webhook threads with it
+
+
+def test_finished_deliveries_past_retention_are_deleted_and_pending_ones_kept(client, auth):
+    from services.scheduler.webhooks import prune_deliveries
+
+    hook = _hook(client, auth, "http://127.0.0.1:9/unused")
+    old, recent = utcnow() - timedelta(days=31), utcnow() - timedelta(days=29)
+    rows = {"old-delivered": ("delivered", old), "old-failed": ("failed", old), "old-pending": ("pending", old),
+            "recent-delivered": ("delivered", recent)}
+    ids = {}
+    with session_scope() as s:
+        for name, (status, created) in rows.items():
+            d = WebhookDelivery(webhook_id=uuid.UUID(hook["id"]), event="job.succeeded", payload={"n": name},
+                                status=status, created_at=created,
+                                next_attempt_at=utcnow() + timedelta(days=1))  # not due: the courier leaves it
+            s.add(d)
+            s.flush()
+            ids[name] = d.id
+    settings = get_settings().model_copy(update={"WEBHOOK_RETENTION_DAYS": 30.0})
+    while prune_deliveries(settings, batch=1):  # batches until nothing is left to delete
+        pass
+    with session_scope() as s:
+        left = {n for n, i in ids.items() if s.get(WebhookDelivery, i) is not None}
+    assert left == {"old-pending", "recent-delivered"}
+    kept = get_settings().model_copy(update={"WEBHOOK_RETENTION_DAYS": 0.0})
+    assert prune_deliveries(kept) == 0  # 0 keeps everything
