@@ -137,6 +137,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--limit-train", type=int, default=5000, help="0: every training image")
     ap.add_argument("--limit-test", type=int, default=1000, help="0: every test image")
     ap.add_argument("--seeds", type=int, default=1, help="train every row with seeds 0 .. N-1 (none dropped)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="start at this seed (seeds F .. F+N-1): split one table over processes or machines")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="train nothing: print the table and claims over the runs in these --json files")
     ap.add_argument("--methods", default="random,byol,msf,cmsf,isd,simreg-mlp,simreg-linear",
                     help="comma-separated rows to run (simreg needs msf)")
     ap.add_argument("--backbone", default="resnet18")
@@ -177,6 +181,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.merge:
+        merge(args.merge)
+        return
     from shared.data import load_dataset
     from shared.specs import DistillSpec, SslTrainSpec, parse_spec
     from workers.common.device import configure_threads
@@ -197,9 +204,17 @@ def main() -> None:
         print(f"  seed {seed} {ROW_NAMES[key]:28} 20-NN {res['knn_top1_k20']:.3f}  linear {res['linear_top1']:.3f}  "
               f"({seconds:.0f}s training)", flush=True)
 
-    for seed in range(args.seeds):
+    def save() -> None:  # after every run, so a stopped process keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v
+                                                      for k, v in vars(args).items() if k not in ("json", "merge")},
+                                             "recipe": recipe.model_dump(), "machine": machine(),
+                                             "total_s": time.perf_counter() - t_all, "runs": runs}, indent=2))
+
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         if "random" in args.methods:
             record("random", seed, random_init_checkpoint(data, args, seed), 0.0, [])
+            save()
         teacher: dict[str, Any] | None = None
         for key, _, method, extra in SSL_ROWS:
             if key not in args.methods:
@@ -211,6 +226,7 @@ def main() -> None:
             state = train_ctx.checkpoint_state(-1)
             teacher = state if key == "msf" else teacher
             record(key, seed, state, time.perf_counter() - t0, curve_of(train_ctx))
+            save()
         for key, _, head in SIMREG_ROWS:
             if key not in args.methods or teacher is None:
                 continue
@@ -218,28 +234,40 @@ def main() -> None:
             t0 = time.perf_counter()
             distill(distill_ctx.spec, data, [teacher], ctx=distill_ctx)
             record(key, seed, distill_ctx.checkpoint_state(-1), time.perf_counter() - t0, [])
+            save()
 
     total = time.perf_counter() - t_all
+    last = args.first_seed + args.seeds - 1
     print(f"\nssl_repro: {args.dataset} ({len(data.train_images)} train / {len(data.test_images)} test, "
           f"{args.image_size} px), {args.backbone} ({args.stem} stem), {args.epochs} epochs (warm-up "
           f"{args.warmup_epochs}), batch {args.batch_size}, lr {args.lr:g}, wd {args.weight_decay}, bank "
-          f"{args.bank_size}, {args.augmentation} views, seeds 0-{args.seeds - 1}; probe {args.probe_epochs} epochs; "
-          f"amp {args.amp}, channels_last {args.channels_last} (CUDA only)")
+          f"{args.bank_size}, {args.augmentation} views, seeds {args.first_seed}-{last}; probe {args.probe_epochs} "
+          f"epochs; amp {args.amp}, channels_last {args.channels_last} (CUDA only)")
     print(f"recipe: {recipe.model_dump()}")
     print(f"machine: {machine()}; total {total / 60:.1f} min\n")
+    claims = report(runs)
+    if args.json:
+        save()
+        payload = json.loads(args.json.read_text())
+        args.json.write_text(json.dumps(payload | {"total_s": total, "claims": claims}, indent=2))
+
+
+def report(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Print the mean ± std table and the claims judged on the means; returns the claims."""
     by_model: dict[str, dict[str, list[float]]] = {}
     for r in runs:
         for metric, _ in METRICS:
             by_model.setdefault(r["model"], {}).setdefault(metric, []).append(r[metric])
         by_model[r["model"]].setdefault("train_s", []).append(r["train_s"])
+    seeds = sorted({int(r["seed"]) for r in runs})
     print(f"| {'model':28} | 20-NN (mean ± std) | linear (mean ± std) | train s |")
     print(f"|{'-' * 30}|--------------------|---------------------|---------|")
     for key in [k for k in ROW_NAMES if k in by_model]:
         cells = [f"{m:.3f} ± {s:.3f}" for m, s in (summarise(by_model[key][metric]) for metric, _ in METRICS)]
         print(f"| {ROW_NAMES[key]:28} | {cells[0]:18} | {cells[1]:19} | "
               f"{statistics.fmean(by_model[key]['train_s']):7.0f} |")
-    print(f"\nclaims on the means over {args.seeds} seed(s)" + (" (1 seed: no spread, verdicts are provisional)"
-                                                            if args.seeds < 2 else "") + ":")
+    print(f"\nclaims on the means over {len(seeds)} seed(s) {seeds}"
+          + (" (1 seed: no spread, verdicts are provisional)" if len(seeds) < 2 else "") + ":")
     claims = []
     for claim, a, b, strict in CLAIMS:
         if a not in by_model or b not in by_model:
@@ -248,10 +276,21 @@ def main() -> None:
             verdict, gap, spread = judge(by_model[a][metric], by_model[b][metric], strict)
             claims.append({"claim": claim, "metric": metric, "verdict": verdict, "gap": gap, "spread": spread})
             print(f"  {claim:32} {label:7}: {verdict} (gap {gap:+.3f}, spread {spread:.3f})")
-    if args.json:
-        args.json.write_text(json.dumps({"args": {k: v for k, v in vars(args).items() if k != "json"},
-                                         "recipe": recipe.model_dump(), "machine": machine(), "total_s": total,
-                                         "runs": runs, "claims": claims}, indent=2))
+    return claims
+
+
+def merge(paths: list[Path]) -> None:
+    """The table over several ``--json`` files (e.g. seeds run in parallel); a (model, seed) twice is an error."""
+    runs: list[dict[str, Any]] = []
+    for path in paths:
+        payload = json.loads(path.read_text())
+        print(f"{path}: {payload['args'].get('dataset')}, {len(payload['runs'])} runs, machine {payload['machine']}")
+        runs += payload["runs"]
+    keys = [(r["model"], r["seed"]) for r in runs]
+    if len(keys) != len(set(keys)):
+        raise SystemExit(f"the files repeat (model, seed) pairs: {sorted(k for k in set(keys) if keys.count(k) > 1)}")
+    print()
+    report(runs)
 
 
 if __name__ == "__main__":
