@@ -36,10 +36,9 @@ from workers.common import device as dev
 from workers.common.context import MethodContext
 from workers.common.guards import check_resumable, fmt_metrics
 from workers.evaluator.linear import ProbeData, train_probe
-from workers.runtime.context import JobConfigError
 from workers.runtime.local import LocalContext
 from workers.vision.augment import EvalTransform, ViewTransform
-from workers.vision.checkpoints import load_encoder, model_meta, read_checkpoint
+from workers.vision.checkpoints import job_model_checkpoint, load_encoder
 from workers.vision.data import EvalDataset, OneViewDataset, check_dataset_fits, load_job_dataset
 from workers.vision.knn import extract_features, knn_accuracy
 
@@ -49,12 +48,7 @@ PROBE_CROP_SCALE = (0.08, 1.0)  # torchvision's RandomResizedCrop default, as th
 def run(ctx: MethodContext[EvalSpec]) -> None:
     """Platform entry point: read the checkpoint input, load the dataset at its image size, ``evaluate``."""
     spec = ctx.spec
-    entry = ((ctx.inputs or {}).get("checkpoints") or {}).get("checkpoint")
-    if not entry or not entry.get("path"):
-        raise JobConfigError("the job has no 'checkpoint' input; the platform resolves the spec's checkpoint "
-                             "reference (job:<id> or artifact:<id>) into it")
-    state = read_checkpoint(entry["path"])
-    meta = model_meta(state, source=spec.checkpoint)
+    state, meta = job_model_checkpoint(ctx.inputs, ref=spec.checkpoint)
     size = spec.image_size or int(meta["image_size"])
     dataset = load_job_dataset(ctx, image_size=size)
     evaluate(spec, dataset, state, ctx=ctx, dataset_root=(ctx.inputs.get("dataset") or {}).get("path"))

@@ -74,6 +74,18 @@ def read_checkpoint(source: str | Path) -> dict[str, Any]:
     return state
 
 
+def job_model_checkpoint(inputs: Mapping[str, Any] | None, *, ref: str,
+                         name: str = "checkpoint") -> tuple[dict[str, Any], dict[str, Any]]:
+    """A job's model checkpoint input ``name`` (the platform resolves the spec's reference ``ref`` into a local
+    file), read and checked: ``(state, meta)``."""
+    entry = ((inputs or {}).get("checkpoints") or {}).get(name)
+    if not entry or not entry.get("path"):
+        raise JobConfigError(f"the job has no {name!r} input; the platform resolves the spec's checkpoint "
+                             "reference (job:<id> or artifact:<id>) into it")
+    state = read_checkpoint(entry["path"])
+    return state, model_meta(state, source=ref)
+
+
 def model_meta(state: Mapping[str, Any], *, source: str = "the checkpoint") -> dict[str, Any]:
     """The ``meta`` of a model checkpoint, after checking it can rebuild the network."""
     if "backbone" not in state or "meta" not in state:
