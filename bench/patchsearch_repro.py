@@ -166,7 +166,8 @@ def run_patchsearch(model_path: Path, data: Path, args: argparse.Namespace, work
     return {"result": outcome.result, "report": outcome.report, "filtered": str(outcome.filtered_dir)}
 
 
-def attack_eval(model_path: Path, poisoned: Path, workdir: Path, **attack: Any) -> dict[str, float]:
+def attack_eval(model_path: Path, poisoned: Path, workdir: Path, fraction: float = PROBE,
+                **attack: Any) -> dict[str, float]:
     """The eval job's ``attack`` protocol (workers/evaluator/attack.py), as bench.poison_attack runs it: linear
     probe on a class-balanced clean 10 % of the poisoned dataset's training images (the manifest's poisons left
     out), clean / patched accuracy, target FP without / with the trigger, ASR; ``attack`` options (``block``)."""
@@ -175,7 +176,7 @@ def attack_eval(model_path: Path, poisoned: Path, workdir: Path, **attack: Any) 
     from workers.evaluator.run import evaluate
     from workers.runtime.local import LocalContext
 
-    espec = EvalSpec.model_validate({"checkpoint": NIL, "protocols": ["attack"], "train_fraction": PROBE,
+    espec = EvalSpec.model_validate({"checkpoint": NIL, "protocols": ["attack"], "train_fraction": fraction,
                                      "linear": {"epochs": 40, "milestones": [15, 30]}, "attack": attack})
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = LocalContext(espec, workdir=workdir)
@@ -264,30 +265,58 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
                   "patched = the non-target test images with the trigger):", "",
               "| model | clean acc | patched acc | FP target clean -> patched (of non-target) | ASR | ASR without "
               "trigger |", "| --- | --- | --- | --- | --- | --- |"]
-    for key, label in (("eval-clean", "clean-data model (SimCLR)"), ("eval-poisoned", "poisoned model (SimCLR)"),
-                       ("eval-defended", f"PatchSearch-defended (MoCo v2 + i-CutMix, filtered data, {args.epochs} "
-                                         "epochs)"),
-                       ("eval-kd", f"KD-defended (CompRess of the poisoned model, clean {args.kd_fraction:.0%}, "
-                                   f"{args.kd_epochs} epochs)")):
-        if key in results:
-            r = results[key]
-            lines.append(f"| {label} | {r['attack_clean_acc']:.3f} | {r['attack_patched_acc']:.3f} | "
-                         f"{r['attack_fp_clean']:.0f} -> {r['attack_fp_patched']:.0f} (of "
-                         f"{r['attack_patched_images']:.0f}) | {r['attack_asr']:.3f} | {r['attack_asr_clean']:.3f} |")
-    if "block-black" in results:
-        b = results["block-black"]
+    labels = {"clean": "clean-data model (SimCLR)", "poisoned": "poisoned model (SimCLR)",
+              "defended": f"PatchSearch-defended (MoCo v2 + i-CutMix, filtered data, {args.epochs} epochs)",
+              "kd": f"KD-defended (CompRess of the poisoned model, clean {args.kd_fraction:.0%}, {args.kd_epochs} "
+                    "epochs)"}
+    for prefix, note in (("eval", ""), ("eval100", ", probe on every clean training image"),
+                         ("evalp", ", probe on every training image, poisons included")):
+        for name, label in labels.items():
+            r = results.get(f"{prefix}-{name}")
+            if r is not None:
+                lines.append(f"| {label}{note} | {r['attack_clean_acc']:.3f} | {r['attack_patched_acc']:.3f} | "
+                             f"{r['attack_fp_clean']:.0f} -> {r['attack_fp_patched']:.0f} (of "
+                             f"{r['attack_patched_images']:.0f}) | {r['attack_asr']:.3f} | "
+                             f"{r['attack_asr_clean']:.3f} |")
+    lines += ["", "The same four models by the 20-NN check (attack_check; the labelled database is the poisoned "
+                  "training set as published, or the clean one):", "",
+              "| model | 20-NN acc (poisoned DB) | FP clean -> patched (poisoned DB) | 20-NN acc (clean DB) | "
+              "FP clean -> patched (clean DB) |", "| --- | --- | --- | --- | --- |"]
+    for name, label in labels.items():
+        a, b = results.get(f"knn-{name}-poisoned"), results.get(f"knn-{name}-clean")
+        if a is not None and b is not None:
+            lines.append(f"| {label} | {a['knn20_acc']:.3f} | {a['fp_clean']:.0f} -> {a['fp_patched']:.0f} | "
+                         f"{b['knn20_acc']:.3f} | {b['fp_clean']:.0f} -> {b['fp_patched']:.0f} |")
+    for prefix, probe in (("block", f"probe on a clean {PROBE:.0%}"),
+                          ("blockp", "probe on every training image, poisons included")):
+        if f"{prefix}-black" not in results:
+            continue
+        b = results[f"{prefix}-black"]
         lines += ["", f"Test-time blocking on the poisoned {args.backbone} (attention-gradient rollout, window = "
-                      f"trigger side {b['attack_block_size']:.0f} px; same probe):", "",
-                  "| | clean acc | ASR | trigger hit | random block: clean acc / ASR |",
-                  "| --- | --- | --- | --- | --- |",
-                  f"| no defense | {b['attack_clean_acc']:.3f} | {b['attack_asr']:.3f} | - | - |"]
+                      f"trigger side {b['attack_block_size']:.0f} px; {probe}):", "",
+                  "| | clean acc | patched acc | ASR | trigger hit | random block: clean acc / patched acc / ASR |",
+                  "| --- | --- | --- | --- | --- | --- |",
+                  f"| no defense | {b['attack_clean_acc']:.3f} | {b['attack_patched_acc']:.3f} | "
+                  f"{b['attack_asr']:.3f} | - | - |"]
         for fill in ("black", "mean"):
-            r = results.get(f"block-{fill}")
+            r = results.get(f"{prefix}-{fill}")
             if r is not None:
                 lines.append(f"| rollout block, {fill} fill | {r['attack_block_clean_acc']:.3f} | "
-                             f"{r['attack_block_asr']:.3f} | {r['attack_trigger_hit_rate']:.3f} | "
-                             f"{r['attack_random_block_clean_acc']:.3f} / {r['attack_random_block_asr']:.3f} |")
+                             f"{r['attack_block_patched_acc']:.3f} | {r['attack_block_asr']:.3f} | "
+                             f"{r['attack_trigger_hit_rate']:.3f} | {r['attack_random_block_clean_acc']:.3f} / "
+                             f"{r['attack_random_block_patched_acc']:.3f} / {r['attack_random_block_asr']:.3f} |")
     return "\n".join(lines)
+
+
+def extra_checks(stage: Any, name: str, model: Path, clean: Path, poisoned: Path, cache: Path) -> None:
+    """Every model the same way: the eval `attack` protocol with the probe on a clean 10 % and on every clean
+    training image, and the 20-NN check with the poisoned and with the clean training set as the database."""
+    stage(f"eval-{name}", lambda: attack_eval(model, poisoned, cache / "eval" / name))
+    stage(f"eval100-{name}", lambda: attack_eval(model, poisoned, cache / "eval" / f"{name}-100", fraction=1.0))
+    stage(f"evalp-{name}", lambda: attack_eval(model, poisoned, cache / "eval" / f"{name}-p", fraction=1.0,
+                                               probe_includes_poisons=True))
+    for db, data in (("poisoned", poisoned), ("clean", clean)):
+        stage(f"knn-{name}-{db}", lambda d=data: attack_check(model, d))
 
 
 def _room(deadline: float, minutes: float, what: str) -> None:
@@ -339,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         # the defended retraining); the clean-data model and its PatchSearch run last
         model = train_model("poisoned", poisoned, cache, args, deadline)
         stage("attack-poisoned", lambda: attack_check(model, poisoned))
-        stage("eval-poisoned", lambda: attack_eval(model, poisoned, cache / "eval" / "poisoned"))
+        extra_checks(stage, "poisoned", model, clean, poisoned, cache)
         if not done("ps-poisoned"):
             _room(deadline, 4, "PatchSearch on the poisoned data")
         ps = stage("ps-poisoned", lambda: run_patchsearch(model, poisoned, args, cache / "ps" / "poisoned"))
@@ -347,20 +376,23 @@ def main(argv: list[str] | None = None) -> int:
         for fill in ("black", "mean"):
             stage(f"block-{fill}", lambda f=fill: attack_eval(model, poisoned, cache / "eval" / f"block-{f}",
                                                                block=True, block_fill=f, heatmaps=8))
+            stage(f"blockp-{fill}", lambda f=fill: attack_eval(model, poisoned, cache / "eval" / f"blockp-{f}",
+                                                                fraction=1.0, probe_includes_poisons=True,
+                                                                block=True, block_fill=f, heatmaps=8))
         if not done("eval-kd"):
             _room(deadline, 6, "the KD student")
         kd = train_kd(model, cache, args)
-        stage("eval-kd", lambda: attack_eval(kd, poisoned, cache / "eval" / "kd"))
+        extra_checks(stage, "kd", kd, clean, poisoned, cache)
         filtered = Path(ps["filtered"])
         if not (filtered / "train").is_dir():
             raise SystemExit(f"the filtered dataset {filtered} is gone; delete {cache}/results/ps-poisoned.json")
         kept = int(ps["result"]["images"] - ps["result"]["images_removed"])
         defended = train_model("defended", filtered, cache, args, deadline, method="moco", icutmix=True,
                                bank_size=max(128, min(1024, kept // 128 * 128)))
-        stage("eval-defended", lambda: attack_eval(defended, poisoned, cache / "eval" / "defended"))
+        extra_checks(stage, "defended", defended, clean, poisoned, cache)
         model = train_model("clean", clean, cache, args, deadline)
         stage("attack-clean", lambda: attack_check(model, clean))
-        stage("eval-clean", lambda: attack_eval(model, poisoned, cache / "eval" / "clean"))
+        extra_checks(stage, "clean", model, clean, poisoned, cache)
         if not done("ps-clean"):
             _room(deadline, 4, "PatchSearch on the clean data")
         stage("ps-clean", lambda: run_patchsearch(model, clean, args, cache / "ps" / "clean"))
