@@ -308,6 +308,23 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+def training_view(filtered: Path, out: Path) -> Path:
+    """The filtered tree as the re-training reads it. With 100 % of the target class poisoned, PatchSearch may
+    remove every training image of that class, and the ImageFolder loader refuses test classes without training
+    images; SSL training uses no labels, so the view drops those test folders (and the attack evaluation runs on
+    the poisoned dataset, which still has them)."""
+    if not (out / "train").is_dir():
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(filtered, out)
+        present = {d.name for d in (out / "train").iterdir() if d.is_dir() and any(d.iterdir())}
+        for d in (out / "test").iterdir():
+            if d.is_dir() and d.name not in present:
+                print(f"defended training view: every '{d.name}' training image was removed; its test folder "
+                      "is left out", flush=True)
+                shutil.rmtree(d)
+    return out
+
+
 def extra_checks(stage: Any, name: str, model: Path, clean: Path, poisoned: Path, cache: Path) -> None:
     """Every model the same way: the eval `attack` protocol with the probe on a clean 10 % and on every clean
     training image, and the 20-NN check with the poisoned and with the clean training set as the database."""
@@ -387,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (filtered / "train").is_dir():
             raise SystemExit(f"the filtered dataset {filtered} is gone; delete {cache}/results/ps-poisoned.json")
         kept = int(ps["result"]["images"] - ps["result"]["images_removed"])
-        defended = train_model("defended", filtered, cache, args, deadline, method="moco", icutmix=True,
+        defended = train_model("defended", training_view(filtered, cache / "data" / "defended"), cache, args,
+                               deadline, method="moco", icutmix=True,
                                bank_size=max(128, min(1024, kept // 128 * 128)))
         extra_checks(stage, "defended", defended, clean, poisoned, cache)
         model = train_model("clean", clean, cache, args, deadline)

@@ -227,7 +227,7 @@ def test_manifest_rows_and_the_filtered_dataset(tmp_path):
     removed[np.flatnonzero(truth.poisoned)[:3]] = False  # three poisons survive the filter
     removed[np.flatnonzero(~truth.poisoned)[0]] = True  # one clean image is sacrificed
     counts = write_filtered(tmp_path / "out", training, removed, provenance={"job": "t"})
-    assert counts == {"train": 90 - 8, "test": 15, "removed": 8}
+    assert counts == {"train": 90 - 8, "test": 15, "removed": 8, "classes_emptied": 0}
     kept = json.loads((tmp_path / "out" / "poison_manifest.json").read_text())
     assert len(kept["poisoned"]) == 3 and kept["filtered_by"] == {"job": "t"}
     assert len(list((tmp_path / "out" / "train").rglob("*.png"))) == 82
@@ -235,6 +235,20 @@ def test_manifest_rows_and_the_filtered_dataset(tmp_path):
     _image_folder(clean, poison=False)
     truth, why = read_manifest(load_training_set({"uri": "c", "path": str(clean)}, image_size=16))
     assert truth is None and "no poison_manifest.json" in why
+
+
+def test_a_class_filtered_away_loses_its_test_folder_so_the_tree_still_loads(tmp_path):
+    """100 % of a class poisoned and all removed: the filtered tree must still load for the re-training."""
+    from shared.data.imagefolder import load_image_folder
+
+    _image_folder(tmp_path / "ds", poison=True)
+    training = load_training_set({"uri": "ds", "path": str(tmp_path / "ds")}, image_size=16)
+    removed = training.dataset.train_labels == training.dataset.classes.index("a")  # every 'a'
+    counts = write_filtered(tmp_path / "out", training, removed, provenance={"job": "t"})
+    assert counts == {"train": 60, "test": 10, "removed": 30, "classes_emptied": 1}
+    assert not (tmp_path / "out" / "test" / "a").exists()
+    ds = load_image_folder(tmp_path / "out", image_size=16)
+    assert ds.classes == ["b", "c"] and len(ds.train_labels) == 60 and len(ds.test_labels) == 10
 
 
 def _checkpoint(path: Path) -> Path:

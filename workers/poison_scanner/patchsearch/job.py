@@ -241,6 +241,9 @@ def _write_outputs(spec: PatchSearchSpec, training: TrainingSet, outcome: PatchS
     provenance = {"job": "patchsearch", "checkpoint": spec.checkpoint, "removed": int(removed.sum())}
     filtered = out / "filtered"
     counts = write_filtered(filtered, training, removed, provenance=provenance)
+    if counts["classes_emptied"]:
+        ctx.log(f"{counts['classes_emptied']} class(es) lost every training image; their test folders are left "
+                "out of the filtered dataset so it still loads (the poisoned dataset keeps them for evaluation)")
     outcome.filtered_dir = filtered
     save_dataset = getattr(ctx, "save_dataset", None)
     if save_dataset is not None:  # its stats (image and class counts) come from the tree itself
