@@ -9,7 +9,14 @@
    the training images; target-class false positives FP among the non-target test images, clean vs with the
    trigger, for both models.
 4. PatchSearch with the poisoned model on the poisoned data (detection metrics against the manifest) and with the
-   clean model on the clean data (every removed image is a clean image sacrificed).
+   clean model on the clean data (every removed image is a clean image sacrificed; the "no poison found" rule).
+5. Defenses: the PatchSearch-defended model (``ssl-train`` MoCo v2 + ``icutmix`` on the filtered data, same
+   budget), the KD-defended model (``distill`` ``compress`` from the poisoned model on a clean ``--kd-fraction``),
+   and two controls (SimCLR on the filtered data; MoCo v2 + i-CutMix on the poisoned data; ``--no-controls``).
+6. Every model evaluated the same way: the ``eval`` job's ``attack`` protocol (workers/evaluator/attack.py) with
+   a clean 10 % probe, an all-clean probe and a probe with the poisons included, plus the 20-NN check with the
+   poisoned and the clean training set as the database; rollout blocking (black / mean fill, random-block
+   control) on the poisoned ViT with the 10 % and the poisons-included probe.
 
 Everything is cached under ``--cache``; training checkpoints itself, so ``--budget-min N`` stops after about N
 minutes and a rerun of the same command continues (the shared machine's rule: no locked command over 8 minutes).
@@ -276,10 +283,11 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
               "control-simclr-filtered": "control: SimCLR (the poisoned model's recipe) on the filtered data",
               "control-icutmix-poisoned": "control: MoCo v2 + i-CutMix on the unfiltered poisoned data"}
     for name, label in labels.items():
-        e, f, g = (results.get(f"{k}-{name}") for k in ("eval", "eval100", "evalp"))
-        a, b = results.get(f"knn-{name}-poisoned"), results.get(f"knn-{name}-clean")
-        if None in (e, f, g, a, b):
+        keys = [f"{k}-{name}" for k in ("eval", "eval100", "evalp")] + [f"knn-{name}-{db}" for db in ("poisoned",
+                                                                                                   "clean")]
+        if not all(k in results for k in keys):
             continue
+        e, f, g, a, b = (results[k] for k in keys)
         lines.append(
             f"| {label} | {e['attack_clean_acc']:.3f} / {e['attack_patched_acc']:.3f} / {e['attack_fp_clean']:.0f} -> "
             f"{e['attack_fp_patched']:.0f} | {f['attack_clean_acc']:.3f} / {f['attack_fp_clean']:.0f} -> "
