@@ -9,7 +9,14 @@
    the training images; target-class false positives FP among the non-target test images, clean vs with the
    trigger, for both models.
 4. PatchSearch with the poisoned model on the poisoned data (detection metrics against the manifest) and with the
-   clean model on the clean data (every removed image is a clean image sacrificed).
+   clean model on the clean data (every removed image is a clean image sacrificed; the "no poison found" rule).
+5. Defenses: the PatchSearch-defended model (``ssl-train`` MoCo v2 + ``icutmix`` on the filtered data, same
+   budget), the KD-defended model (``distill`` ``compress`` from the poisoned model on a clean ``--kd-fraction``),
+   and two controls (SimCLR on the filtered data; MoCo v2 + i-CutMix on the poisoned data; ``--no-controls``).
+6. Every model evaluated the same way: the ``eval`` job's ``attack`` protocol (workers/evaluator/attack.py) with
+   a clean 10 % probe, an all-clean probe and a probe with the poisons included, plus the 20-NN check with the
+   poisoned and the clean training set as the database; rollout blocking (black / mean fill, random-block
+   control) on the poisoned ViT with the 10 % and the poisons-included probe.
 
 Everything is cached under ``--cache``; training checkpoints itself, so ``--budget-min N`` stops after about N
 minutes and a rerun of the same command continues (the shared machine's rule: no locked command over 8 minutes).
@@ -22,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -35,6 +44,7 @@ from bench.common import machine
 
 TARGET = "circle"
 NIL = "artifact:00000000-0000-0000-0000-000000000000"
+PROBE = 0.1  # labelled share of the attack evaluation's linear probe
 
 
 class OutOfBudget(Exception):  # noqa: N818 - control flow
@@ -69,8 +79,10 @@ def make_data(cache: Path, n_train: int, n_test: int) -> tuple[Path, Path]:
     return clean, poisoned
 
 
-def train_model(name: str, data: Path, cache: Path, args: argparse.Namespace, deadline: float) -> Path:
-    """An ssl-train SimCLR model (cached); resumes from its last checkpoint; raises OutOfBudget at the deadline."""
+def train_model(name: str, data: Path, cache: Path, args: argparse.Namespace, deadline: float,
+                **overrides: Any) -> Path:
+    """An ssl-train model (SimCLR unless ``overrides`` say otherwise; cached); resumes from its last checkpoint;
+    raises OutOfBudget at the deadline."""
     from shared.data.imagefolder import load_image_folder
     from shared.specs.ssl_train import SslTrainSpec
     from workers.runtime.context import Preempted
@@ -84,7 +96,7 @@ def train_model(name: str, data: Path, cache: Path, args: argparse.Namespace, de
                        "kind": "ssl-train", "method": "simclr", "dataset": "builtin://shapes", "image_size": 16,
                        "backbone": args.backbone, "batch_size": 128, "epochs": args.epochs, "lr": 0.06,
                        "temperature": 0.2, "augment": {"crop_scale": [0.4, 1.0]}, "seed": 0, "knn_every": 0,
-                       "checkpoint_every": 1})
+                       "checkpoint_every": 1} | overrides)
     ckpts = cache / "ckpt" / name
     found = sorted(ckpts.glob("checkpoint-epoch*.pt"), key=lambda p: int(p.stem.removeprefix("checkpoint-epoch")))
     ctx = LocalContext(spec, checkpoint_dir=ckpts, resume=found[-1] if found else None)
@@ -141,7 +153,7 @@ def attack_check(model_path: Path, data: Path) -> dict[str, float]:
     return out
 
 
-def run_patchsearch(model_path: Path, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_patchsearch(model_path: Path, data: Path, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from shared.specs.patchsearch import PatchSearchSpec
     from workers.poison_scanner.patchsearch.inputs import load_model, load_training_set
     from workers.poison_scanner.patchsearch.job import patchsearch
@@ -154,9 +166,58 @@ def run_patchsearch(model_path: Path, data: Path, args: argparse.Namespace) -> d
                        "classifier": {"models": args.models, "max_iterations": args.iterations}})
     training = load_training_set({"uri": str(data), "name": data.name, "path": str(data)}, image_size=16)
     model = load_model(torch.load(model_path, weights_only=False), source=str(model_path), device=torch.device("cpu"))
-    ctx = LocalContext(spec)
+    shutil.rmtree(workdir, ignore_errors=True)  # a half-written filtered tree from an interrupted run
+    workdir.mkdir(parents=True)
+    ctx = LocalContext(spec, workdir=workdir)
     outcome = patchsearch(spec, training, model, ctx=ctx)
-    return {"result": outcome.result, "report": outcome.report}
+    return {"result": outcome.result, "report": outcome.report, "filtered": str(outcome.filtered_dir)}
+
+
+def attack_eval(model_path: Path, poisoned: Path, workdir: Path, fraction: float = PROBE,
+                **attack: Any) -> dict[str, float]:
+    """The eval job's ``attack`` protocol (workers/evaluator/attack.py), as bench.poison_attack runs it: linear
+    probe on a class-balanced clean 10 % of the poisoned dataset's training images (the manifest's poisons left
+    out), clean / patched accuracy, target FP without / with the trigger, ASR; ``attack`` options (``block``)."""
+    from shared.data.imagefolder import load_image_folder
+    from shared.specs import EvalSpec
+    from workers.evaluator.run import evaluate
+    from workers.runtime.local import LocalContext
+
+    espec = EvalSpec.model_validate({"checkpoint": NIL, "protocols": ["attack"], "train_fraction": fraction,
+                                     "linear": {"epochs": 40, "milestones": [15, 30]}, "attack": attack})
+    workdir.mkdir(parents=True, exist_ok=True)
+    ctx = LocalContext(espec, workdir=workdir)
+    state = torch.load(model_path, weights_only=False)
+    return evaluate(espec, load_image_folder(poisoned, image_size=16), state, ctx=ctx, device=torch.device("cpu"),
+                    dataset_root=poisoned)
+
+
+def train_kd(teacher: Path, cache: Path, args: argparse.Namespace) -> Path:
+    """The KD defense: a CompRess student (fresh backbone) of the poisoned model on a clean ~25 % subset (the
+    builtin loader's first rows, class-mixed; the defender's clean unlabelled data). Not resumable mid-stage
+    (a few minutes); cached when done."""
+    from shared.data import load_dataset
+    from shared.specs import DistillSpec
+    from workers.distiller.train import train as distill
+    from workers.runtime.local import LocalContext
+
+    out = cache / "models" / "kd.pt"
+    if out.is_file():
+        return out
+    subset = round(args.train * args.kd_fraction)
+    spec = DistillSpec.model_validate({
+        "kind": "distill", "method": "compress", "dataset": "builtin://shapes", "limit_train": subset,
+        "limit_test": args.test, "image_size": 16, "backbone": args.backbone, "teachers": [NIL],
+        "bank_size": subset // 64 * 64, "batch_size": 64, "epochs": args.kd_epochs, "knn_k": [20], "seed": 0})
+    clean = load_dataset({"uri": "builtin://shapes"}, image_size=16, limit_train=subset, limit_test=args.test)
+    ckdir = cache / "ckpt" / "kd"
+    shutil.rmtree(ckdir, ignore_errors=True)
+    ctx = LocalContext(spec, checkpoint_dir=ckdir)
+    distill(spec, clean, [str(teacher)], ctx=ctx, device=torch.device("cpu"))
+    state = torch.load(ctx.checkpoints[-1]["path"], weights_only=False)
+    torch.save(state, out)
+    shutil.rmtree(ckdir, ignore_errors=True)
+    return out
 
 
 def _stage(cache: Path, name: str, fn: Any) -> Any:
@@ -175,13 +236,18 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
              "| model | 20-NN acc | FP target clean | FP target patched (of non-target test) |",
              "| --- | --- | --- | --- |"]
     for name in ("clean", "poisoned"):
+        if f"attack-{name}" not in results:
+            continue
         a = results[f"attack-{name}"]
         lines.append(f"| {name}-data model | {a['knn20_acc']:.3f} | {a['fp_clean']:.0f} | {a['fp_patched']:.0f} "
                      f"(of {a['patched_test']:.0f}) |")
     lines += ["", "| PatchSearch run | images | poisons | scored | rounds | top-5 / 10 / 20 / 50 / 100 prec. | "
-              "removed | poisons removed | recall | precision | clean removed | score AUROC | seconds |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "best score (z) | classifier val F1 | flagged | removed | poisons removed | recall | precision | "
+              "clean removed | score AUROC | seconds |",
+              "| --- |" + " --- |" * 15]
     for name, label in (("ps-poisoned", "poisoned data, poisoned model"), ("ps-clean", "clean data, clean model")):
+        if name not in results:
+            continue
         r = results[name]["result"]
         tops = " / ".join(f"{r[f'top{k}_precision']:.2f}" if f"top{k}_precision" in r else "-"
                           for k in (5, 10, 20, 50, 100))
@@ -189,21 +255,105 @@ def table(results: dict[str, Any], args: argparse.Namespace) -> str:
         clean_removed = r.get("clean_removed_fraction", r["images_removed"] / r["images"])
         lines.append(
             f"| {label} | {r['images']:.0f} | {pois:.0f} | {r['scored_fraction']:.1%} | {r['search_rounds']:.0f} | "
-            f"{tops if pois else '-'} | {r['images_removed']:.0f} | {r.get('poisons_removed', 0):.0f} | "
+            f"{tops if pois else '-'} | {r['best_score']:.0f} ({r.get('best_score_z', float('nan')):.1f}) | "
+            f"{r.get('classifier_val_f1', float('nan')):.2f} | {r.get('images_flagged', float('nan')):.0f} | "
+            f"{r['images_removed']:.0f} | {r.get('poisons_removed', 0):.0f} | "
             f"{r.get('removal_recall', float('nan')):.2f} | {r.get('removal_precision', float('nan')):.2f} | "
             f"{clean_removed:.1%} | {r.get('score_auroc', float('nan')):.2f} | {r['seconds_total']:.0f} |")
-    base = results["ps-poisoned"]["result"].get("poison_base_rate")
+    for name in ("ps-poisoned", "ps-clean"):
+        if name in results:
+            lines.append(f"\n{name}: {results[name]['report'].get('decision', '')}")
+    base = results.get("ps-poisoned", {}).get("result", {}).get("poison_base_rate")
     if base is not None:
         lines.append(f"\npoison base rate {base:.1%}; PatchSearch settings: {args.clusters} clusters, "
                      f"{args.test_images} test images, window 6, 2 samples/round, 25% pruned/round, "
                      f"{args.models} classifiers x {args.iterations} iterations")
+    lines += ["", "Every model the same way (patched = the non-target test images with the trigger; FP = those "
+                  "predicted as the target; ASR = FP / non-target; in brackets the no-trigger rate). Eval `attack` "
+                  f"protocol with three linear probes: on a clean {PROBE:.0%} (the default), on every clean training "
+                  "image, on every training image with the poisons included; and the 20-NN check with the poisoned "
+                  "/ the clean training set as the labelled database:", "",
+              "| model | probe clean 10 %: clean acc / patched acc / FP | probe all clean: clean acc / FP | probe with "
+              "poisons: clean acc / patched acc / FP / ASR (no trigger) | 20-NN, poisoned DB: acc / FP clean -> "
+              "patched | 20-NN, clean DB: acc / FP clean -> patched |", "| --- | --- | --- | --- | --- | --- |"]
+    labels = {"clean": "clean-data model (SimCLR)", "poisoned": "poisoned model (SimCLR)",
+              "defended": f"PatchSearch-defended (MoCo v2 + i-CutMix, filtered data, {args.epochs} epochs)",
+              "kd": f"KD-defended (CompRess of the poisoned model, clean {args.kd_fraction:.0%}, {args.kd_epochs} "
+                    "epochs)",
+              "control-simclr-filtered": "control: SimCLR (the poisoned model's recipe) on the filtered data",
+              "control-icutmix-poisoned": "control: MoCo v2 + i-CutMix on the unfiltered poisoned data"}
+    for name, label in labels.items():
+        keys = [f"{k}-{name}" for k in ("eval", "eval100", "evalp")] + [f"knn-{name}-{db}" for db in ("poisoned",
+                                                                                                   "clean")]
+        if not all(k in results for k in keys):
+            continue
+        e, f, g, a, b = (results[k] for k in keys)
+        lines.append(
+            f"| {label} | {e['attack_clean_acc']:.3f} / {e['attack_patched_acc']:.3f} / {e['attack_fp_clean']:.0f} -> "
+            f"{e['attack_fp_patched']:.0f} | {f['attack_clean_acc']:.3f} / {f['attack_fp_clean']:.0f} -> "
+            f"{f['attack_fp_patched']:.0f} | {g['attack_clean_acc']:.3f} / {g['attack_patched_acc']:.3f} / "
+            f"{g['attack_fp_clean']:.0f} -> {g['attack_fp_patched']:.0f} / {g['attack_asr']:.3f} "
+            f"({g['attack_asr_clean']:.3f}) | {a['knn20_acc']:.3f} / {a['fp_clean']:.0f} -> {a['fp_patched']:.0f} | "
+            f"{b['knn20_acc']:.3f} / {b['fp_clean']:.0f} -> {b['fp_patched']:.0f} |")
+    for prefix, probe in (("block", f"probe on a clean {PROBE:.0%}"),
+                          ("blockp", "probe on every training image, poisons included")):
+        if f"{prefix}-black" not in results:
+            continue
+        b = results[f"{prefix}-black"]
+        lines += ["", f"Test-time blocking on the poisoned {args.backbone} (attention-gradient rollout, window = "
+                      f"trigger side {b['attack_block_size']:.0f} px; {probe}):", "",
+                  "| | clean acc | patched acc | ASR | trigger hit | random block: clean acc / patched acc / ASR |",
+                  "| --- | --- | --- | --- | --- | --- |",
+                  f"| no defense | {b['attack_clean_acc']:.3f} | {b['attack_patched_acc']:.3f} | "
+                  f"{b['attack_asr']:.3f} | - | - |"]
+        for fill in ("black", "mean"):
+            r = results.get(f"{prefix}-{fill}")
+            if r is not None:
+                lines.append(f"| rollout block, {fill} fill | {r['attack_block_clean_acc']:.3f} | "
+                             f"{r['attack_block_patched_acc']:.3f} | {r['attack_block_asr']:.3f} | "
+                             f"{r['attack_trigger_hit_rate']:.3f} | {r['attack_random_block_clean_acc']:.3f} / "
+                             f"{r['attack_random_block_patched_acc']:.3f} / {r['attack_random_block_asr']:.3f} |")
     return "\n".join(lines)
+
+
+def training_view(filtered: Path, out: Path) -> Path:
+    """The filtered tree as the re-training reads it. With 100 % of the target class poisoned, PatchSearch may
+    remove every training image of that class, and the ImageFolder loader refuses test classes without training
+    images; SSL training uses no labels, so the view drops those test folders (and the attack evaluation runs on
+    the poisoned dataset, which still has them)."""
+    if not (out / "train").is_dir():
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(filtered, out)
+        present = {d.name for d in (out / "train").iterdir() if d.is_dir() and any(d.iterdir())}
+        for d in (out / "test").iterdir():
+            if d.is_dir() and d.name not in present:
+                print(f"defended training view: every '{d.name}' training image was removed; its test folder "
+                      "is left out", flush=True)
+                shutil.rmtree(d)
+    return out
+
+
+def extra_checks(stage: Any, name: str, model: Path, clean: Path, poisoned: Path, cache: Path) -> None:
+    """Every model the same way: the eval `attack` protocol with the probe on a clean 10 % and on every clean
+    training image, and the 20-NN check with the poisoned and with the clean training set as the database."""
+    stage(f"eval-{name}", lambda: attack_eval(model, poisoned, cache / "eval" / name))
+    stage(f"eval100-{name}", lambda: attack_eval(model, poisoned, cache / "eval" / f"{name}-100", fraction=1.0))
+    stage(f"evalp-{name}", lambda: attack_eval(model, poisoned, cache / "eval" / f"{name}-p", fraction=1.0,
+                                               probe_includes_poisons=True))
+    for db, data in (("poisoned", poisoned), ("clean", clean)):
+        stage(f"knn-{name}-{db}", lambda d=data: attack_check(model, d))
+
+
+def _room(deadline: float, minutes: float, what: str) -> None:
+    """Refuse to start a stage that cannot checkpoint itself with under ``minutes`` of budget left."""
+    if time.monotonic() > deadline - minutes * 60:
+        raise OutOfBudget(f"{what} not started: under {minutes:g} min of budget left")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache", type=Path, default=Path("bench/out/patchsearch"))
-    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--epochs", type=int, default=200, help="SSL epochs of every model (clean, poisoned, defended)")
     p.add_argument("--train", type=int, default=1500)
     p.add_argument("--test", type=int, default=500)
     p.add_argument("--backbone", default="vit_micro_p2")
@@ -211,29 +361,80 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-images", type=int, default=300)
     p.add_argument("--models", type=int, default=3)
     p.add_argument("--iterations", type=int, default=150)
+    p.add_argument("--kd-fraction", type=float, default=0.25, help="clean share the KD student is distilled on")
+    p.add_argument("--kd-epochs", type=int, default=200)
+    p.add_argument("--no-controls", dest="controls", action="store_false",
+                   help="skip the two controls (SimCLR on the filtered data; MoCo v2 + i-CutMix on the poisoned)")
     p.add_argument("--budget-min", type=float, default=0, help="stop after about this many minutes (0: none)")
     p.add_argument("--quick", action="store_true", help="3 epochs, 300 images: a smoke run, no claims")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.train, args.test, args.clusters, args.test_images, args.iterations = 3, 300, 100, 10, 50, 20
+        args.kd_epochs = 2
         args.cache = args.cache.with_name(args.cache.name + "-quick")
-    torch.set_num_threads(2)
+    from workers.common.device import THREADS_ENV, configure_threads
+
+    if os.environ.get(THREADS_ENV, "").strip():  # CRUCIBLE_WORKER_TORCH_THREADS wins (a shared machine)
+        configure_threads()
+    else:  # the toy recipe's 2 cores
+        torch.set_num_threads(2)
     deadline = time.monotonic() + (args.budget_min * 60 if args.budget_min else 10**9)
     cache = args.cache
     clean, poisoned = make_data(cache, args.train, args.test)
     results: dict[str, Any] = {}
+
+    def stage(name: str, fn: Any) -> Any:
+        results[name] = _stage(cache, name, fn)
+        return results[name]
+
+    def done(name: str) -> bool:
+        return (cache / "results" / f"{name}.json").is_file()
+
     try:
-        # poisoned first: its PatchSearch run is the headline; the clean-data run follows
-        for name, data in (("poisoned", poisoned), ("clean", clean)):
-            model = train_model(name, data, cache, args, deadline)
-            results[f"attack-{name}"] = _stage(cache, f"attack-{name}", lambda m=model, d=data: attack_check(m, d))
-            if time.monotonic() > deadline - 60 and not (cache / "results" / f"ps-{name}.json").is_file():
-                raise OutOfBudget(f"PatchSearch on {name} not started: under a minute of budget left")
-            results[f"ps-{name}"] = _stage(cache, f"ps-{name}", lambda m=model, d=data: run_patchsearch(m, d, args))
-            print(f"{name}: attack {results[f'attack-{name}']}; PatchSearch {results[f'ps-{name}']['result']}",
-                  flush=True)
+        # the poisoned model and everything that needs only it first (PatchSearch, blocking, the KD student,
+        # the defended retraining); the clean-data model and its PatchSearch run last
+        model = train_model("poisoned", poisoned, cache, args, deadline)
+        stage("attack-poisoned", lambda: attack_check(model, poisoned))
+        extra_checks(stage, "poisoned", model, clean, poisoned, cache)
+        if not done("ps-poisoned"):
+            _room(deadline, 4, "PatchSearch on the poisoned data")
+        ps = stage("ps-poisoned", lambda: run_patchsearch(model, poisoned, args, cache / "ps" / "poisoned"))
+        print(f"poisoned: attack {results['attack-poisoned']}; PatchSearch {ps['result']}", flush=True)
+        for fill in ("black", "mean"):
+            stage(f"block-{fill}", lambda f=fill: attack_eval(model, poisoned, cache / "eval" / f"block-{f}",
+                                                               block=True, block_fill=f, heatmaps=8))
+            stage(f"blockp-{fill}", lambda f=fill: attack_eval(model, poisoned, cache / "eval" / f"blockp-{f}",
+                                                                fraction=1.0, probe_includes_poisons=True,
+                                                                block=True, block_fill=f, heatmaps=8))
+        if not done("eval-kd"):
+            _room(deadline, 6, "the KD student")
+        kd = train_kd(model, cache, args)
+        extra_checks(stage, "kd", kd, clean, poisoned, cache)
+        filtered = Path(ps["filtered"])
+        if not (filtered / "train").is_dir():
+            raise SystemExit(f"the filtered dataset {filtered} is gone; delete {cache}/results/ps-poisoned.json")
+        kept = int(ps["result"]["images"] - ps["result"]["images_removed"])
+        defended = train_model("defended", training_view(filtered, cache / "data" / "defended"), cache, args,
+                               deadline, method="moco", icutmix=True,
+                               bank_size=max(128, min(1024, kept // 128 * 128)))
+        extra_checks(stage, "defended", defended, clean, poisoned, cache)
+        model = train_model("clean", clean, cache, args, deadline)
+        stage("attack-clean", lambda: attack_check(model, clean))
+        extra_checks(stage, "clean", model, clean, poisoned, cache)
+        if not done("ps-clean"):
+            _room(deadline, 4, "PatchSearch on the clean data")
+        stage("ps-clean", lambda: run_patchsearch(model, clean, args, cache / "ps" / "clean"))
+        print(f"clean: attack {results['attack-clean']}; PatchSearch {results['ps-clean']['result']}", flush=True)
+        if args.controls:  # which half of the defense does the work: the filter, or MoCo v2 + i-CutMix?
+            m = train_model("control-simclr-filtered", training_view(filtered, cache / "data" / "defended"), cache,
+                            args, deadline)
+            extra_checks(stage, "control-simclr-filtered", m, clean, poisoned, cache)
+            m = train_model("control-icutmix-poisoned", poisoned, cache, args, deadline, method="moco",
+                            icutmix=True, bank_size=max(128, min(1024, args.train // 128 * 128)))
+            extra_checks(stage, "control-icutmix-poisoned", m, clean, poisoned, cache)
     except OutOfBudget as stop:
         print(f"budget reached ({stop}); run the same command again to continue")
+        print(table(results, args))
         return 3
     print(table(results, args))
     return 0

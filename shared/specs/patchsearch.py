@@ -11,6 +11,13 @@ pixel sizes scale with the image side ``S`` when left unset):
 4. the iterative search scores ``samples_per_iteration`` images per surviving cluster per round and prunes
    ``prune_fraction`` of the clusters with the lowest best score; then a poison-classifier ensemble trained on
    the ``classifier.topk_poisons`` best windows decides which images to remove.
+
+**No poison found** (not in the reference, which always removes what its ensemble flags): the ensemble is
+scored on its own validation set (the top-N scored images as positives, the bottom N as negatives, unpasted).
+If the top-scored images share a trigger, the classifier trained on their windows recognises them (F1 near 1);
+if they are ordinary images with merely the highest flip counts (a clean dataset), their windows have nothing
+in common and F1 stays low. Below ``min_classifier_f1`` the job removes nothing and states why in its log,
+result (``no_poison_found``, ``classifier_val_f1``) and report (``decision``).
 """
 
 from __future__ import annotations
@@ -89,6 +96,11 @@ class PatchSearchSpec(JobSpecBase):
     prune_fraction: float = Field(0.25, gt=0, lt=1, description="share of candidate clusters dropped per round")
     # --- stage 4: poison classifier and removal
     classifier: PoisonClassifierOptions = Field(default_factory=PoisonClassifierOptions)
+    min_classifier_f1: float = Field(0.8, ge=0, le=1, description="the 'no poison found' rule: when the "
+                                     "ensemble's F1 on its validation set (top-N scored images as positives, "
+                                     "bottom N as negatives) is below this, no consistent trigger was found and "
+                                     "nothing is removed (0: always remove what the ensemble flags, the "
+                                     "reference). Default chosen on one 16-px toy (README)")
     max_removed_fraction: float = Field(1.0, gt=0, le=1, description="cap on the share of images removed: beyond "
                                         "it only the highest P(poison) are (1: no cap, the reference)")
     save_top_patches: int = Field(100, ge=1, le=1000, description="windows of the best-scored images in the grid")

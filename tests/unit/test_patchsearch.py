@@ -227,7 +227,7 @@ def test_manifest_rows_and_the_filtered_dataset(tmp_path):
     removed[np.flatnonzero(truth.poisoned)[:3]] = False  # three poisons survive the filter
     removed[np.flatnonzero(~truth.poisoned)[0]] = True  # one clean image is sacrificed
     counts = write_filtered(tmp_path / "out", training, removed, provenance={"job": "t"})
-    assert counts == {"train": 90 - 8, "test": 15, "removed": 8}
+    assert counts == {"train": 90 - 8, "test": 15, "removed": 8, "classes_emptied": 0}
     kept = json.loads((tmp_path / "out" / "poison_manifest.json").read_text())
     assert len(kept["poisoned"]) == 3 and kept["filtered_by"] == {"job": "t"}
     assert len(list((tmp_path / "out" / "train").rglob("*.png"))) == 82
@@ -235,6 +235,20 @@ def test_manifest_rows_and_the_filtered_dataset(tmp_path):
     _image_folder(clean, poison=False)
     truth, why = read_manifest(load_training_set({"uri": "c", "path": str(clean)}, image_size=16))
     assert truth is None and "no poison_manifest.json" in why
+
+
+def test_a_class_filtered_away_loses_its_test_folder_so_the_tree_still_loads(tmp_path):
+    """100 % of a class poisoned and all removed: the filtered tree must still load for the re-training."""
+    from shared.data.imagefolder import load_image_folder
+
+    _image_folder(tmp_path / "ds", poison=True)
+    training = load_training_set({"uri": "ds", "path": str(tmp_path / "ds")}, image_size=16)
+    removed = training.dataset.train_labels == training.dataset.classes.index("a")  # every 'a'
+    counts = write_filtered(tmp_path / "out", training, removed, provenance={"job": "t"})
+    assert counts == {"train": 60, "test": 10, "removed": 30, "classes_emptied": 1}
+    assert not (tmp_path / "out" / "test" / "a").exists()
+    ds = load_image_folder(tmp_path / "out", image_size=16)
+    assert ds.classes == ["b", "c"] and len(ds.train_labels) == 60 and len(ds.test_labels) == 10
 
 
 def _checkpoint(path: Path) -> Path:
@@ -332,3 +346,50 @@ def test_the_comparison_table_has_a_row_per_model_and_dashes_for_missing_numbers
     lines = table.splitlines()
     assert len(lines) == 5 and lines[2].startswith("| clean-data model | 0.900 | 0.500 | 4 | 40 | 0.400 |")
     assert lines[4] == "| KD-defended (CompRess) | 0.800 | - | - | - | - |"
+
+
+def test_no_poison_rule_thresholds_the_ensembles_validation_f1():
+    from workers.poison_scanner.patchsearch.job import no_poison_reason, score_outlier_z
+
+    assert no_poison_reason(0.95, 0.8) is None
+    assert no_poison_reason(0.8, 0.8) is None  # at the threshold: found
+    reason = no_poison_reason(0.57, 0.8)
+    assert reason is not None and reason.startswith("no poison found") and "0.570 < min_classifier_f1 0.8" in reason
+    assert no_poison_reason(float("nan"), 0.8) is not None  # no validation: not found
+    assert no_poison_reason(0.0, 0.0) is None  # 0 disables the rule (the reference)
+    # robust z of the best score: median 1, MAD 1 -> (9 - 1) / 1.4826
+    assert score_outlier_z(np.array([0.0, 1, 1, 2, 9])) == pytest.approx(8 / 1.4826)
+    assert np.isnan(score_outlier_z(np.array([3.0, 3, 3])))
+
+
+@pytest.mark.parametrize(("f1", "found"), [(0.3, False), (0.95, True)], ids=["no-trigger", "trigger"])
+def test_the_job_removes_nothing_when_the_classifiers_find_no_trigger(tmp_path, monkeypatch, f1, found):
+    """A hand-built classifier outcome (flags rows 0-9) with a low vs a high validation F1: the job removes
+    nothing and says why, or removes the flagged rows."""
+    from workers.poison_scanner.patchsearch import job
+    from workers.poison_scanner.patchsearch.classifier import ClassifierReport
+    from workers.runtime.local import LocalContext
+
+    def fake_classifier(images, order, windows, opts, **_):
+        flagged = np.zeros(len(order), dtype=bool)
+        flagged[:10] = True
+        return flagged, flagged.astype(np.float32), ClassifierReport([6], [f1], f1)
+
+    monkeypatch.setattr(job, "poison_classifier", fake_classifier)
+    _image_folder(tmp_path / "ds", poison=True)
+    spec = parse_spec(TINY_JOB | {"min_classifier_f1": 0.8})
+    inputs = {"dataset": {"uri": "ds", "name": "ds", "path": str(tmp_path / "ds")},
+              "checkpoints": {"checkpoint": {"path": str(_checkpoint(tmp_path / "m.pt"))}}}
+    (tmp_path / "work").mkdir()
+    ctx = LocalContext(spec, inputs=inputs, workdir=tmp_path / "work")
+    job.run(ctx)
+    r, report = ctx.result, ctx.outputs["report"]
+    assert r is not None and r["images_flagged"] == 10 and r["classifier_val_f1"] == pytest.approx(f1)
+    kept = len(list((tmp_path / "work" / "filtered" / "train").rglob("*.png")))
+    if found:
+        assert r["no_poison_found"] == 0 and r["images_removed"] == 10 and kept == 80
+        assert report["decision"].startswith("removed what the ensemble flags")
+    else:
+        assert r["no_poison_found"] == 1 and r["images_removed"] == 0 and kept == 90
+        assert report["decision"].startswith("no poison found") and r["removal_recall"] == 0
+        assert any("no poison found" in line for line in ctx.messages)

@@ -12,7 +12,9 @@
 * validation every ``eval_every`` iterations: the top-N scored images (positives) and the bottom N (negatives),
   unpasted; F1 of class 1. Early stop once int(100 F1) was identical for the last ``patience`` checks (and more
   than ``patience`` checks ran);
-* ensemble: ``models`` classifiers with different seeds, logits averaged; removal = predicted class 1.
+* ensemble: ``models`` classifiers with different seeds, logits averaged; removal = predicted class 1. The
+  ensemble's own validation F1 (``ensemble_val_f1``) feeds the job's "no poison found" rule
+  (``PatchSearchSpec.min_classifier_f1``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from workers.vision.backbones import create_backbone
 class ClassifierReport:
     iterations: list[int] = field(default_factory=list)  # per model, iterations run
     val_f1: list[float] = field(default_factory=list)  # per model, last validation F1
+    ensemble_val_f1: float = float("nan")  # the averaged-logit ensemble's F1 on the same validation set
 
 
 def f1_of(pred: Tensor, truth: Tensor) -> float:
@@ -176,4 +179,5 @@ def poison_classifier(images: Tensor, order: np.ndarray, windows: dict[int, Tens
         report.iterations.append(iters)
         report.val_f1.append(f1)
     removed, prob = ensemble_predict(models, images, mean=mean, std=std, device=device)
+    report.ensemble_val_f1 = f1_of(torch.from_numpy(removed[val_idx]).long(), val_y)
     return removed, prob, report

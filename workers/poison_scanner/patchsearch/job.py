@@ -4,7 +4,9 @@ Stages and their wall-clock (reported as ``seconds_<stage>``): embed + k-means, 
 flip scores, round by round), poison classifier, removal + outputs. Outputs:
 
 * result: the detection metrics (when the dataset has a poison manifest), the cost (seconds per stage,
-  ``scored_fraction`` = share of the images the search scored, rounds) and ``images_removed``;
+  ``scored_fraction`` = share of the images the search scored, rounds), ``images_removed``, and the "no poison
+  found" rule's inputs and outcome (``classifier_val_f1``, ``no_poison_found``, ``images_flagged`` = what the
+  ensemble flagged before the rule and the cap, ``best_score_z``);
 * ``poison-scores`` (CSV, one row per training image), ``top-patches`` (PNG grid of the best windows; an
   ``image`` artifact), ``patchsearch-report`` (JSON: settings, metrics or the reason they were skipped, rounds);
 * the filtered dataset, ``ctx.save_dataset(..., output="filtered")`` (lineage: the input dataset and model);
@@ -138,6 +140,11 @@ def patchsearch(spec: PatchSearchSpec, training: TrainingSet, model: Model, *,
     removed, prob, creport = poison_classifier(images, order, search.windows, opts, mean=model.mean,
                                                std=model.std, seed=spec.seed, device=model.device,
                                                on_step=on_step)
+    flagged = int(removed.sum())
+    decision = no_poison_reason(creport.ensemble_val_f1, spec.min_classifier_f1)
+    if decision is not None:
+        ctx.log(f"stage 4: {decision}; the {flagged} images the ensemble flags are kept")
+        removed = np.zeros(n, dtype=bool)
     cap = math.floor(spec.max_removed_fraction * n)
     if removed.sum() > cap:
         ctx.log(f"the classifiers flag {int(removed.sum())} images, above max_removed_fraction="
@@ -161,7 +168,10 @@ def patchsearch(spec: PatchSearchSpec, training: TrainingSet, model: Model, *,
     _write_outputs(spec, training, outcome, truth, window=window, ctx=ctx)
     seconds["outputs"] = clock()
 
+    z = score_outlier_z(search.scores[search.scored])
     result = {**metrics, "images": float(n), "images_removed": float(removed.sum()),
+              "no_poison_found": 1.0 if decision is not None else 0.0, "images_flagged": float(flagged),
+              "classifier_val_f1": creport.ensemble_val_f1, "best_score_z": z,
               "scored_images": float(search.scored.sum()), "scored_fraction": search.scored_fraction,
               "search_rounds": float(len(search.rounds)), "best_score": float(search.scores.max()),
               "detection_metrics": 1.0 if truth is not None else 0.0,
@@ -170,14 +180,45 @@ def patchsearch(spec: PatchSearchSpec, training: TrainingSet, model: Model, *,
     outcome.report = {"detection": metrics if truth is not None else {"skipped": why_not},
                       "cost": {"seconds": seconds, "scored_fraction": search.scored_fraction,
                                "scored_images": int(search.scored.sum()), "rounds": len(search.rounds)},
-                      "images": n, "images_removed": int(removed.sum()), "window": window,
+                      "decision": decision or (f"removed what the ensemble flags (validation F1 "
+                                               f"{creport.ensemble_val_f1:.3f} >= min_classifier_f1 "
+                                               f"{spec.min_classifier_f1:g})"),
+                      "images": n, "images_removed": int(removed.sum()), "images_flagged": flagged,
+                      "best_score_z": z, "window": window,
                       "clusters": clusters.k, "test_images": len(clusters.test_set),
-                      "classifier": {"iterations": creport.iterations, "val_f1": creport.val_f1}}
+                      "classifier": {"iterations": creport.iterations, "val_f1": creport.val_f1,
+                                     "ensemble_val_f1": creport.ensemble_val_f1}}
     save_output = getattr(ctx, "save_output", None)  # JobContext and LocalContext have it
     if save_output is not None:
         save_output("report", outcome.report)
     ctx.set_result(outcome.result)
     return outcome
+
+
+def no_poison_reason(ensemble_f1: float, min_f1: float) -> str | None:
+    """Why nothing should be removed (None: remove what the ensemble flags).
+
+    The ensemble's validation positives are the top-scored images themselves: when they carry a shared trigger
+    the classifier trained on their windows recognises them; ordinary top-scored images (a clean dataset) share
+    nothing it can learn, so its F1 stays low. A NaN F1 (no validation) counts as not found."""
+    if min_f1 <= 0:
+        return None
+    if not ensemble_f1 >= min_f1:  # also NaN
+        return (f"no poison found: the poison classifiers reach validation F1 {ensemble_f1:.3f} < "
+                f"min_classifier_f1 {min_f1:g} on the top-scored vs bottom-scored images, so the best windows "
+                "share no trigger they can learn")
+    return None
+
+
+def score_outlier_z(scores: np.ndarray) -> float:
+    """How far the best score stands out of the scored images' scores: (max - median) / (1.4826 MAD), a robust
+    z; a diagnostic reported beside the decision (a lone trigger-bearing cluster stands out, a clean set's best
+    windows need not). NaN when the MAD is 0 or fewer than 3 images were scored."""
+    if len(scores) < 3:
+        return math.nan
+    med = float(np.median(scores))
+    mad = 1.4826 * float(np.median(np.abs(scores - med)))
+    return (float(scores.max()) - med) / mad if mad > 0 else math.nan
 
 
 def _write_outputs(spec: PatchSearchSpec, training: TrainingSet, outcome: PatchSearchOutcome,
@@ -200,6 +241,9 @@ def _write_outputs(spec: PatchSearchSpec, training: TrainingSet, outcome: PatchS
     provenance = {"job": "patchsearch", "checkpoint": spec.checkpoint, "removed": int(removed.sum())}
     filtered = out / "filtered"
     counts = write_filtered(filtered, training, removed, provenance=provenance)
+    if counts["classes_emptied"]:
+        ctx.log(f"{counts['classes_emptied']} class(es) lost every training image; their test folders are left "
+                "out of the filtered dataset so it still loads (the poisoned dataset keeps them for evaluation)")
     outcome.filtered_dir = filtered
     save_dataset = getattr(ctx, "save_dataset", None)
     if save_dataset is not None:  # its stats (image and class counts) come from the tree itself

@@ -58,27 +58,38 @@ def write_filtered(out: Path, training: TrainingSet, removed: np.ndarray, *,
     Files are copied byte for byte (never re-encoded); the test split and every file outside ``train/``
     (a patched validation split, sidecars) are kept; a poison manifest is rewritten to list only the poisons
     still present, plus ``filtered_by``. A builtin set (no files) is written as PNGs.
+
+    A class whose every training image is removed (100 % of the target class poisoned and all found) loses its
+    ``test/<class>/`` folder too: an ImageFolder with test images of a class it has no training images of is
+    refused by the loader, and the filtered set exists to be trained on (attack evaluations use the poisoned
+    dataset, which keeps them). ``classes_emptied`` counts them.
     """
     ds = training.dataset
     out.mkdir(parents=True, exist_ok=True)
     kept = 0
+    left = np.bincount(ds.train_labels[~removed], minlength=len(ds.classes))
+    had = np.bincount(ds.train_labels, minlength=len(ds.classes))
+    emptied = {ds.classes[c] for c in range(len(ds.classes)) if had[c] and not left[c]}
     if training.root is None or training.paths is None:
+        tests = 0
         for split, images, labels, keep in (("train", ds.train_images, ds.train_labels, ~removed),
                                             ("test", ds.test_images, ds.test_labels, None)):
             for i, (img, y) in enumerate(zip(images, labels, strict=True)):
-                if keep is not None and not keep[i]:
+                if (keep is not None and not keep[i]) or (keep is None and ds.classes[int(y)] in emptied):
                     continue
                 d = out / split / ds.classes[int(y)]
                 d.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(img).save(d / f"{i:06d}.png")
                 kept += split == "train"
-        return {"train": kept, "test": len(ds.test_labels), "removed": int(removed.sum())}
+                tests += split == "test"
+        return {"train": kept, "test": tests, "removed": int(removed.sum()), "classes_emptied": len(emptied)}
     root = training.root
     dropped = {training.paths[i] for i in np.flatnonzero(removed)}
     train_files = set(training.paths)
+    gone_tests = {rel for rel in (training.test_paths or []) if rel.split("/")[1:2] and rel.split("/")[1] in emptied}
     for src in sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()):
         rel = src.relative_to(root).as_posix()
-        if rel in dropped or rel == MANIFEST_FILE:
+        if rel in dropped or rel == MANIFEST_FILE or rel in gone_tests:
             continue
         dst = out / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -91,4 +102,5 @@ def write_filtered(out: Path, training: TrainingSet, removed: np.ndarray, *,
         data["poisoned"] = [p for p in data.get("poisoned", []) if under_train(p) not in gone]
         data["filtered_by"] = provenance
         (out / MANIFEST_FILE).write_text(json.dumps(data, indent=1))
-    return {"train": kept, "test": len(training.test_paths or []), "removed": len(dropped)}
+    return {"train": kept, "test": len(training.test_paths or []) - len(gone_tests), "removed": len(dropped),
+            "classes_emptied": len(emptied)}
