@@ -44,17 +44,12 @@ from workers.poison_scanner.patchsearch.outputs import patch_grid, write_filtere
 from workers.poison_scanner.patchsearch.score import Scorer
 from workers.poison_scanner.patchsearch.search import SearchResult, iterative_search
 from workers.runtime.context import JobConfigError
-from workers.vision.checkpoints import model_meta, read_checkpoint
+from workers.vision.checkpoints import job_model_checkpoint
 
 
 def run(ctx: MethodContext[PatchSearchSpec]) -> None:
     spec = ctx.spec
-    entry = ((ctx.inputs or {}).get("checkpoints") or {}).get("checkpoint")
-    if not entry or not entry.get("path"):
-        raise JobConfigError("the job has no 'checkpoint' input; the platform resolves the spec's checkpoint "
-                             "reference (job:<id> or artifact:<id>) into it")
-    state = read_checkpoint(entry["path"])
-    meta = model_meta(state, source=spec.checkpoint)
+    state, meta = job_model_checkpoint(ctx.inputs, ref=spec.checkpoint)
     size = spec.image_size or int(meta["image_size"])
     problem = spec.image_size_problem(size)
     if problem:
