@@ -204,12 +204,13 @@ def main() -> None:
         print(f"  seed {seed} {ROW_NAMES[key]:28} 20-NN {res['knn_top1_k20']:.3f}  linear {res['linear_top1']:.3f}  "
               f"({seconds:.0f}s training)", flush=True)
 
-    def save() -> None:  # after every run, so a stopped process keeps what it measured
+    def save(**extra: Any) -> None:  # after every run, so a stopped process keeps what it measured
         if args.json:
             args.json.write_text(json.dumps({"args": {k: str(v) if isinstance(v, Path) else v
                                                       for k, v in vars(args).items() if k not in ("json", "merge")},
                                              "recipe": recipe.model_dump(), "machine": machine(),
-                                             "total_s": time.perf_counter() - t_all, "runs": runs}, indent=2))
+                                             "total_s": time.perf_counter() - t_all, "runs": runs, **extra},
+                                            indent=2))
 
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         if "random" in args.methods:
@@ -245,11 +246,7 @@ def main() -> None:
           f"epochs; amp {args.amp}, channels_last {args.channels_last} (CUDA only)")
     print(f"recipe: {recipe.model_dump()}")
     print(f"machine: {machine()}; total {total / 60:.1f} min\n")
-    claims = report(runs)
-    if args.json:
-        save()
-        payload = json.loads(args.json.read_text())
-        args.json.write_text(json.dumps(payload | {"total_s": total, "claims": claims}, indent=2))
+    save(claims=report(runs))
 
 
 def report(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
